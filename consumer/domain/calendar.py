@@ -1,0 +1,38 @@
+"""Years and the grace rule, in the configured time zone.
+
+Everything here is pure: the database clock is passed in, never read.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+
+def session_year(occurred_at: datetime, tz: ZoneInfo) -> int:
+    """The calendar year of a session where the organisation lives, not in UTC.
+
+    ``2025-12-31T23:30:00Z`` is a 2026 session in Europe/Oslo.
+    """
+    if occurred_at.tzinfo is None:
+        raise ValueError("occurred_at must carry an offset")
+    return occurred_at.astimezone(tz).year
+
+
+def year_end(year: int, tz: ZoneInfo) -> datetime:
+    """1 January 00:00 of the next year in ``tz``, as an aware UTC instant."""
+    return datetime(year + 1, 1, 1, tzinfo=tz).astimezone(UTC)
+
+
+def notify_deadline(year: int, tz: ZoneInfo, grace_days: int) -> datetime:
+    """The last instant (exclusive) at which a milestone of ``year`` may still congratulate.
+
+    The grace is counted in absolute hours from the local new year (``grace_days`` × 24 h), so a
+    daylight-saving change inside the grace cannot stretch or shrink it.
+    """
+    return year_end(year, tz) + timedelta(hours=24 * grace_days)
+
+
+def is_late(year: int, db_now: datetime, tz: ZoneInfo, grace_days: int) -> bool:
+    """True when a milestone of ``year`` recorded at ``db_now`` must be suppressed."""
+    return db_now >= notify_deadline(year, tz, grace_days)

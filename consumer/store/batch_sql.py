@@ -1,0 +1,115 @@
+"""The batch transaction's statements. Each takes arrays (one element per row, sorted by key).
+
+Row-lock order, kept by every writer (batch, sweep, publisher): mentor_preferences by mentor_id,
+activity_ledger by activity_id, annual_summary by (user_id, year), scenario_notifications by
+(user_id, scenario_type, year, milestone_value).
+"""
+
+# Latest changed_at wins; on a tie, opted out wins. Older changes are ignored by the WHERE.
+UPSERT_PREFERENCES = """
+INSERT INTO mentor_preferences AS p (mentor_id, milestone_notifications, changed_at)
+SELECT * FROM unnest($1::uuid[], $2::boolean[], $3::timestamptz[])
+ON CONFLICT (mentor_id) DO UPDATE
+SET milestone_notifications = excluded.milestone_notifications,
+    changed_at = excluded.changed_at,
+    updated_at = now()
+WHERE excluded.changed_at > p.changed_at
+   OR (excluded.changed_at = p.changed_at
+       AND p.milestone_notifications AND NOT excluded.milestone_notifications)
+"""
+
+# First write wins. A tombstone (mentor_id null) is filled in but stays uncounted.
+# Returns the new rows that entered the count, then the inputs that conflict with an earlier
+# log (other mentor, organization, time or type); the outer SELECT sees the rows as they were
+# before this statement, so it compares against earlier logs only.
+INSERT_LOGS = """
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::timestamptz[],
+                         $6::text[], $7::boolean[], $8::timestamptz[])
+        AS t(activity_id, mentor_id, organization_id, year, occurred_at, activity_type,
+             counted, deleted_at)
+), written AS (
+    INSERT INTO activity_ledger AS l
+        (activity_id, mentor_id, organization_id, year, occurred_at, activity_type, counted,
+         deleted_at, delete_uncounted)
+    SELECT activity_id, mentor_id, organization_id, year, occurred_at, activity_type, counted,
+           deleted_at, CASE WHEN deleted_at IS NOT NULL THEN false END
+    FROM input
+    ON CONFLICT (activity_id) DO UPDATE
+    SET mentor_id = excluded.mentor_id,
+        organization_id = excluded.organization_id,
+        year = excluded.year,
+        occurred_at = excluded.occurred_at,
+        activity_type = excluded.activity_type,
+        counted = false,
+        delete_uncounted = coalesce(l.delete_uncounted, false)
+    WHERE l.mentor_id IS NULL
+    RETURNING l.activity_id, l.counted
+)
+SELECT activity_id, false AS conflict FROM written WHERE counted
+UNION ALL
+SELECT i.activity_id, true
+FROM input i JOIN activity_ledger l USING (activity_id)
+WHERE l.mentor_id IS NOT NULL
+  AND (l.mentor_id, l.organization_id, l.occurred_at, l.activity_type)
+      IS DISTINCT FROM (i.mentor_id, i.organization_id, i.occurred_at, i.activity_type)
+"""
+
+# The first delete of an id wins. SET sees the old row, so delete_uncounted keeps whether this
+# delete took a counted session out; only those rows come back, to be decremented.
+APPLY_DELETES = """
+WITH applied AS (
+    INSERT INTO activity_ledger AS l (activity_id, deleted_at)
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
+    ON CONFLICT (activity_id) DO UPDATE
+    SET deleted_at = excluded.deleted_at,
+        delete_uncounted = l.counted,
+        counted = false
+    WHERE l.deleted_at IS NULL
+    RETURNING l.activity_id, l.mentor_id, l.year, l.delete_uncounted
+)
+SELECT activity_id, mentor_id, year FROM applied WHERE delete_uncounted
+"""
+
+# Adds each mentor-year's net change and returns what the evaluator needs, read in the same
+# statement: the organization's thresholds (NULL: no row, use the default), the opt-out, the
+# milestones already on record for that year, and the database clock for the grace rule.
+UPSERT_SUMMARY = """
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::int[], $4::uuid[])
+        AS t(user_id, year, delta, organization_id)
+), counted AS (
+    INSERT INTO annual_summary AS s (user_id, year, session_count, organization_id)
+    SELECT user_id, year, delta, organization_id FROM input
+    ON CONFLICT (user_id, year) DO UPDATE
+    SET session_count = s.session_count + excluded.session_count,
+        organization_id = coalesce(excluded.organization_id, s.organization_id),
+        updated_at = now()
+    RETURNING s.user_id, s.year, s.session_count, s.organization_id
+)
+SELECT c.user_id, c.year, c.session_count, c.organization_id, t.thresholds,
+       coalesce(NOT p.milestone_notifications, false) AS opted_out,
+       ARRAY(SELECT n.milestone_value FROM scenario_notifications n
+             WHERE n.user_id = c.user_id AND n.scenario_type = 'milestone'
+               AND n.year = c.year) AS recorded,
+       now() AS db_now
+FROM counted c
+LEFT JOIN milestone_thresholds t ON t.organization_id = c.organization_id
+LEFT JOIN mentor_preferences p ON p.mentor_id = c.user_id
+"""
+
+# ON CONFLICT DO NOTHING: the unique key, not this process, decides what was recorded first.
+# A NULL reached_at means "reached before this batch": it takes the record's created_at.
+INSERT_MILESTONES = """
+INSERT INTO scenario_notifications
+    (id, user_id, organization_id, scenario_type, year, milestone_value, session_count, status,
+     activity_id, reached_at)
+SELECT id, user_id, organization_id, 'milestone', year, milestone_value, session_count, status,
+       activity_id, coalesce(reached_at, now())
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::int[], $6::int[], $7::text[],
+            $8::uuid[], $9::timestamptz[])
+    AS t(id, user_id, organization_id, year, milestone_value, session_count, status,
+         activity_id, reached_at)
+ON CONFLICT DO NOTHING
+RETURNING id, status
+"""

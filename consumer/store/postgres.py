@@ -1,0 +1,189 @@
+"""The Postgres adapter: connecting with retries, and one batch as one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from consumer.domain.batch import BatchPlan, Removed, YearChange, tally
+from consumer.domain.calendar import is_late
+from consumer.domain.milestones import MilestoneRecord, decide
+from consumer.store import batch_sql
+from consumer.store.errors import StoreError, StoreUnavailable, classify
+
+log = logging.getLogger(__name__)
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    # Statement timeouts turn a stuck server into a retriable error instead of a hang.
+    await connection.execute("SET statement_timeout = '30s'; SET lock_timeout = '20s'")
+
+
+async def connect_pool(
+    dsn: str, *, timeout_s: float, min_size: int = 1, max_size: int = 4
+) -> asyncpg.Pool:
+    """Open a pool, retrying for ``timeout_s`` so a database still starting is waited for."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init_connection,
+                timeout=min(5.0, timeout_s),
+                command_timeout=60,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+            if isinstance(error, asyncpg.InvalidCatalogNameError | asyncpg.InvalidPasswordError):
+                raise StoreUnavailable(str(error)) from None
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable(f"database unreachable: {error}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    tz: ZoneInfo
+    default_thresholds: tuple[int, ...]
+    grace_days: int
+    suppress_before_ms: int | None = None  # replay --no-notify
+
+
+@dataclass(slots=True)
+class BatchResult:
+    new_sessions: int = 0
+    removed_sessions: int = 0
+    conflicts: int = 0
+    records: list[MilestoneRecord] = field(default_factory=list)
+    pending: int = 0
+
+
+def _year_inputs(changes: dict[tuple[UUID, int], YearChange]) -> list[list[Any]]:
+    mentors, years, deltas, organizations = [], [], [], []
+    for (mentor_id, year), change in changes.items():
+        mentors.append(mentor_id)
+        years.append(year)
+        deltas.append(change.delta)
+        organizations.append(change.organization_id)
+    return [mentors, years, deltas, organizations]
+
+
+def _record_inputs(records: Sequence[MilestoneRecord]) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    for record in sorted(
+        records, key=lambda r: (r.mentor_id, r.year, r.milestone_value)
+    ):
+        values = (
+            record.id, record.mentor_id, record.organization_id, record.year,
+            record.milestone_value, record.session_count, record.status, record.activity_id,
+            record.reached_at,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+async def apply_batch(
+    connection: asyncpg.Connection, plan: BatchPlan, options: BatchOptions
+) -> BatchResult:
+    """Write one planned batch in one transaction; raise a :class:`StoreError` on failure.
+
+    Statements, in the lock order: preferences, ledger inserts, ledger deletes, summary (which
+    also reads the evaluator's inputs), milestone records. Nothing is written if any fails.
+    """
+    try:
+        async with connection.transaction():
+            return await _apply(connection, plan, options)
+    except Exception as error:
+        mapped = classify(error)
+        if mapped is None:
+            raise
+        raise mapped from error
+
+
+async def _apply(
+    connection: asyncpg.Connection, plan: BatchPlan, options: BatchOptions
+) -> BatchResult:
+    result = BatchResult(conflicts=plan.conflicts)
+    if plan.preferences:
+        await connection.execute(
+            batch_sql.UPSERT_PREFERENCES,
+            [row.mentor_id for row in plan.preferences],
+            [row.milestone_notifications for row in plan.preferences],
+            [row.changed_at for row in plan.preferences],
+        )
+    inserted: list[UUID] = []
+    if plan.logs:
+        logs = plan.logs
+        rows = await connection.fetch(
+            batch_sql.INSERT_LOGS,
+            [row.activity_id for row in logs],
+            [row.mentor_id for row in logs],
+            [row.organization_id for row in logs],
+            [row.year for row in logs],
+            [row.occurred_at for row in logs],
+            [row.activity_type for row in logs],
+            [row.counted for row in logs],
+            [row.deleted_at for row in logs],
+        )
+        for row in rows:
+            if row["conflict"]:
+                result.conflicts += 1
+            else:
+                inserted.append(row["activity_id"])
+    removed: list[Removed] = []
+    if plan.deletes:
+        rows = await connection.fetch(
+            batch_sql.APPLY_DELETES,
+            [row.activity_id for row in plan.deletes],
+            [row.deleted_at for row in plan.deletes],
+        )
+        removed = [Removed(row["activity_id"], row["mentor_id"], row["year"]) for row in rows]
+    result.new_sessions = len(inserted)
+    result.removed_sessions = len(removed)
+    changes = tally(plan, inserted, removed)
+    if not changes:
+        return result
+    contexts = await connection.fetch(batch_sql.UPSERT_SUMMARY, *_year_inputs(changes))
+    for context in contexts:
+        key = (context["user_id"], context["year"])
+        change = changes[key]
+        own = context["thresholds"]
+        thresholds = options.default_thresholds if own is None else tuple(sorted(set(own)))
+        db_now: datetime = context["db_now"]
+        result.records.extend(
+            decide(
+                mentor_id=key[0],
+                organization_id=context["organization_id"],
+                year=key[1],
+                count_after=context["session_count"],
+                steps=change.steps,
+                thresholds=thresholds,
+                recorded=context["recorded"],
+                opted_out=context["opted_out"],
+                late=is_late(key[1], db_now, options.tz, options.grace_days),
+                suppress_before_ms=options.suppress_before_ms,
+                evaluated_at_ms=change.newest_timestamp_ms,
+            )
+        )
+    if result.records:
+        rows = await connection.fetch(batch_sql.INSERT_MILESTONES, *_record_inputs(result.records))
+        result.pending = sum(1 for row in rows if row["status"] == "pending")
+        written = {row["id"] for row in rows}
+        result.records = [record for record in result.records if record.id in written]
+    return result
+
+
+__all__ = ["BatchOptions", "BatchResult", "StoreError", "apply_batch", "connect_pool"]

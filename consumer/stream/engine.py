@@ -1,0 +1,294 @@
+"""The consume loop and its commit order.
+
+One batch, numbered as in :meth:`Engine._handle`:
+  1. decode every record; send the rejected ones to the dead-letter topic and await their
+     acknowledgements.            fails: broker away -> retry the batch, nothing committed
+  2. one Postgres transaction for the batch (preferences, then sessions).
+                                  fails: transient -> pause fetching, back off, keep polling;
+                                  deadlock -> retry; refused content -> halve until the
+                                  offender is alone, dead-letter it, commit the rest
+  3. commit the batch's offsets to the consumer group, for partitions still owned.
+                                  fails: rebalance -> skip; the next owner redoes the batch and
+                                  the ledger makes that a no-op
+  4. wake the outbox publisher (its own task).
+A crash between any two steps repeats the batch after restart; the ledger's unique key makes
+the repeat change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumer.domain.batch import Envelope, Event
+from consumer.faults import FaultInjector
+from consumer.ops.metrics import Metrics
+from consumer.stream.dead_letters import send_dead_letters
+from consumer.stream.decode import Decoded, RawRecord, Rejected, decode
+from consumer.stream.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+Batch = dict[TopicPartition, list[Any]]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._engine.partitions_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._engine.partitions_assigned(set(assigned))
+
+
+class Engine:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        dlq_producer: AIOKafkaProducer,
+        writer: BatchWriter,
+        metrics: Metrics,
+        faults: FaultInjector,
+        *,
+        accepts: Mapping[str, tuple[type[Event], ...]],
+        dlq_topic: str,
+        poll_timeout_ms: int,
+        max_records: int,
+        revoke_deadline_s: float,
+        after_commit: Callable[[int], None] = lambda _: None,
+    ) -> None:
+        self._consumer = consumer
+        self._dlq_producer = dlq_producer
+        self._writer = writer
+        self._metrics = metrics
+        self._faults = faults
+        self._accepts = accepts
+        self._dlq_topic = dlq_topic
+        self._poll_timeout_ms = poll_timeout_ms
+        self._max_records = max_records
+        self._revoke_deadline_s = revoke_deadline_s
+        self._after_commit = after_commit
+        self._inflight: asyncio.Task[None] | None = None
+        self._abandon: set[TopicPartition] = set()
+        self._carry: Batch = {}
+        self._next_offsets: dict[TopicPartition, int] = {}
+        self.assigned_once = False
+        self.paused = False
+        self.events_done = 0
+
+    @property
+    def listener(self) -> ConsumerRebalanceListener:
+        return _Rebalance(self)
+
+    # --- rebalance -------------------------------------------------------------------------
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Let the batch in hand finish and commit within the deadline, else abandon it."""
+        task = self._inflight
+        if task is not None and not task.done():
+            done, _ = await asyncio.wait({task}, timeout=self._revoke_deadline_s)
+            if not done:
+                log.warning("revocation: batch still running; its offsets will not be committed")
+                self._abandon |= revoked
+                self._metrics.inc("milestones_abandoned_batches_total")
+
+    def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assigned_once = True
+        log.info("assigned %d partition(s)", len(assigned))
+        if self.paused and assigned:
+            self._consumer.pause(*assigned)
+
+    # --- the loop --------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, *, shutdown_timeout_s: float,
+                  until_caught_up: bool = False) -> None:
+        """Consume until ``stop`` is set (or, with ``until_caught_up``, until no lag is left)."""
+        while not stop.is_set():
+            try:
+                batch = await self._fetch()
+            except KafkaError as error:
+                log.warning("fetch failed (%s); retrying", error)
+                await asyncio.sleep(1)
+                continue
+            if batch:
+                self._inflight = asyncio.ensure_future(self._handle(batch))
+                await self._finish(self._inflight, stop, shutdown_timeout_s)
+                self._inflight = None
+            if until_caught_up and not batch and await self.caught_up():
+                return
+
+    async def _finish(
+        self, task: asyncio.Task[None], stop: asyncio.Event, shutdown_timeout_s: float
+    ) -> None:
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                # SIGTERM mid-batch: give the batch until the shutdown deadline.
+                done, _ = await asyncio.wait({task}, timeout=shutdown_timeout_s)
+                if not done:
+                    log.warning("shutdown: abandoning the batch in hand uncommitted")
+                    self._metrics.inc("milestones_abandoned_batches_total")
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return
+            task.result()
+        finally:
+            stopping.cancel()
+
+    async def _fetch(self) -> Batch:
+        if self._carry:
+            carried, self._carry = self._carry, {}
+            return carried
+        batch: Batch = await self._consumer.getmany(
+            timeout_ms=self._poll_timeout_ms, max_records=self._max_records
+        )
+        self._update_lag(batch)
+        return batch
+
+    async def idle_poll(self, seconds: float) -> None:
+        """Wait while staying in the group: poll with every partition paused.
+
+        A partition assigned meanwhile may still return records; they are carried into the
+        next batch so that no fetched record is skipped.
+        """
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            assignment = self._consumer.assignment()
+            if assignment:
+                self._consumer.pause(*assignment)
+            try:
+                extra = await self._consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+            except KafkaError:
+                await asyncio.sleep(min(left, 0.5))
+                continue
+            for tp, records in extra.items():
+                self._carry.setdefault(tp, []).extend(records)
+
+    def set_paused(self, paused: bool) -> None:
+        if paused == self.paused:
+            return
+        self.paused = paused
+        self._metrics.set("milestones_paused", 1 if paused else 0)
+        assignment = self._consumer.assignment()
+        if paused:
+            log.warning("database unreachable: fetching paused")
+            if assignment:
+                self._consumer.pause(*assignment)
+        else:
+            log.info("database reachable again: fetching resumed")
+            if assignment:
+                self._consumer.resume(*assignment)
+
+    async def caught_up(self) -> bool:
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return False
+        for tp in assignment:
+            high = self._consumer.highwater(tp)
+            if high is None or await self._consumer.position(tp) < high:
+                return False
+        return True
+
+    def _update_lag(self, batch: Batch) -> None:
+        for tp, records in batch.items():
+            if records:
+                self._next_offsets[tp] = records[-1].offset + 1
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None and tp in self._next_offsets:
+                self._metrics.set(
+                    "milestones_consumer_lag", max(0, high - self._next_offsets[tp]),
+                    topic=tp.topic, partition=str(tp.partition),
+                )
+
+    # --- one batch -------------------------------------------------------------------------
+    async def _handle(self, batch: Batch) -> None:
+        records: list[RawRecord] = []
+        for tp in sorted(batch, key=lambda tp: (tp.topic != self._preference_topic(), tp)):
+            records.extend(batch[tp])
+        # 1. decode; dead-letter the rejected, acknowledged before anything is committed
+        envelopes, rejected = self._decode(records)
+        await self._dead_letter(rejected)
+        # 2. one transaction (or, if the database refuses a value, several)
+        outcome = await self._writer.write(envelopes)
+        if outcome.refused:
+            refused = [
+                Rejected(records[envelope.position], reason, "refused_by_database")
+                for envelope, reason in outcome.refused
+            ]
+            for item in refused:
+                self._metrics.inc("milestones_dead_letters_total", reason=item.kind)
+            await self._dead_letter(refused)
+        self._faults.reached("after_db_commit")
+        # 3. offsets, only for partitions still ours
+        await self._commit(batch)
+        self._faults.reached("after_offset_commit")
+        self.events_done += len(records)
+        # 4. the publisher
+        self._after_commit(outcome.pending)
+
+    def _preference_topic(self) -> str:
+        for topic, accepts in self._accepts.items():
+            if any(kind.__name__ == "PreferencesChanged" for kind in accepts):
+                return topic
+        return ""
+
+    def _decode(self, records: Sequence[RawRecord]) -> tuple[list[Envelope], list[Rejected]]:
+        now_ms = int(time.time() * 1000)
+        envelopes: list[Envelope] = []
+        rejected: list[Rejected] = []
+        for position, record in enumerate(records):
+            result = decode(
+                record, accepts=self._accepts.get(record.topic, ()), now_ms=now_ms,
+                position=position,
+            )
+            if isinstance(result, Decoded):
+                envelopes.append(result.envelope)
+                if result.key_mismatch:
+                    self._metrics.inc("milestones_key_mismatch_total")
+                    log.info("key differs from mentor_id at %s[%d]@%d; the value is used",
+                             record.topic, record.partition, record.offset)
+            else:
+                rejected.append(result)
+                self._metrics.inc("milestones_dead_letters_total", reason=result.kind)
+                log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition,
+                            record.offset, result.reason)
+        return envelopes, rejected
+
+    async def _dead_letter(self, rejected: Sequence[Rejected]) -> None:
+        delay = 0.2
+        while rejected:
+            try:
+                await send_dead_letters(self._dlq_producer, self._dlq_topic, rejected)
+                return
+            except KafkaError as error:
+                log.warning("dead-letter send failed (%s); retrying in %.1f s", error, delay)
+                await self.idle_poll(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    async def _commit(self, batch: Batch) -> None:
+        owned = self._consumer.assignment()
+        offsets = {
+            tp: records[-1].offset + 1
+            for tp, records in batch.items()
+            if records and tp in owned and tp not in self._abandon
+        }
+        self._abandon.clear()
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (KafkaError, AssertionError) as error:
+            # A rebalance took the partitions: the next owner repeats the batch harmlessly.
+            self._metrics.inc("milestones_offset_commit_failures_total")
+            log.warning("offset commit skipped (%s)", type(error).__name__)

@@ -1,0 +1,137 @@
+"""Writing decoded envelopes to Postgres: retries, backoff, and isolating refused messages.
+
+Kept apart from the consume loop so that tests and ``replay`` drive the same path with the
+real database and no broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from consumer.domain.batch import Envelope, plan_batch
+from consumer.ops.metrics import Metrics
+from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
+from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
+
+log = logging.getLogger(__name__)
+
+Wait = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class WriteOutcome:
+    """What one batch did; ``refused`` are the envelopes the database would not take."""
+
+    results: list[BatchResult] = field(default_factory=list)
+    refused: list[tuple[Envelope, str]] = field(default_factory=list)
+
+    @property
+    def pending(self) -> int:
+        return sum(result.pending for result in self.results)
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        options: BatchOptions,
+        metrics: Metrics,
+        *,
+        counted_types: frozenset[str] | None,
+        conflict_retries: int = 5,
+        backoff_max_s: float = 5.0,
+        wait: Wait | None = None,
+        on_unavailable: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._options = options
+        self._metrics = metrics
+        self._counted_types = counted_types
+        self._conflict_retries = conflict_retries
+        self._backoff_max_s = backoff_max_s
+        self._wait: Wait = wait or asyncio.sleep
+        self._on_unavailable = on_unavailable or (lambda _: None)
+        self.closed_through_year: int | None = None
+
+    async def write(self, envelopes: Sequence[Envelope]) -> WriteOutcome:
+        """Write the batch; return only once it is committed (or its offenders isolated)."""
+        outcome = WriteOutcome()
+        await self._write(list(envelopes), outcome)
+        return outcome
+
+    async def _write(self, envelopes: list[Envelope], outcome: WriteOutcome) -> None:
+        if not envelopes:
+            return
+        try:
+            outcome.results.append(await self._commit_with_retries(envelopes))
+        except RefusedContent as error:
+            if len(envelopes) == 1:
+                log.warning("database refused a message: %s", error)
+                outcome.refused.append((envelopes[0], f"database refused the message: {error}"))
+                return
+            # Halve until the offender is alone; order is kept, and each half is a batch.
+            middle = len(envelopes) // 2
+            await self._write(envelopes[:middle], outcome)
+            await self._write(envelopes[middle:], outcome)
+
+    async def _commit_with_retries(self, envelopes: list[Envelope]) -> BatchResult:
+        plan = plan_batch(
+            envelopes,
+            tz=self._options.tz,
+            counted_types=self._counted_types,
+            closed_through_year=self.closed_through_year,
+        )
+        conflicts = 0
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._pool.acquire(timeout=10) as connection:
+                    result = await apply_batch(connection, plan, self._options)
+            except RefusedContent:
+                raise
+            except Exception as error:
+                mapped = classify(error)
+                if isinstance(mapped, StoreConflict) and conflicts < self._conflict_retries:
+                    conflicts += 1
+                    self._metrics.inc("milestones_batch_retries_total", cause="conflict")
+                    log.info("batch transaction conflicted (%s); retrying", mapped)
+                    await asyncio.sleep(random.uniform(0, 0.05 * conflicts))
+                    continue
+                if not isinstance(mapped, StoreUnavailable | StoreConflict):
+                    raise
+                self._metrics.inc("milestones_batch_retries_total", cause="unavailable")
+                self._on_unavailable(True)
+                log.warning("database unavailable (%s); retrying in %.1f s", mapped, delay)
+                await self._wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self._backoff_max_s)
+                conflicts = 0
+                continue
+            self._on_unavailable(False)
+            self._metrics.set("milestones_last_batch_seconds", time.perf_counter() - started)
+            self._record_metrics(plan.duplicates, result)
+            return result
+
+    def _record_metrics(self, in_batch_duplicates: int, result: BatchResult) -> None:
+        metrics = self._metrics
+        metrics.inc("milestones_batches_total")
+        metrics.inc("milestones_events_total", result.new_sessions, outcome="counted")
+        metrics.inc("milestones_events_total", result.removed_sessions, outcome="removed")
+        metrics.inc("milestones_events_total", result.conflicts, outcome="conflict")
+        metrics.inc("milestones_events_total", in_batch_duplicates, outcome="duplicate")
+        if result.conflicts:
+            log.warning("%d activity.logged conflicted with an earlier log of the same id",
+                        result.conflicts)
+        for record in result.records:
+            metrics.inc("milestones_records_total", status=record.status)
+            log.info(
+                "milestone %d recorded for mentor %s year %d (%s)",
+                record.milestone_value, record.mentor_id, record.year, record.status,
+            )
