@@ -61,8 +61,9 @@ CREATE TABLE scenario_notifications (
     published_offset   bigint,
     UNIQUE (user_id, scenario_type, year, milestone_value)
 );
--- publisher: the pending rows in creation order.
-CREATE INDEX scenario_notifications_pending ON scenario_notifications (created_at, id)
+-- publisher: the pending rows in creation order, a mentor's milestones ascending.
+CREATE INDEX scenario_notifications_pending
+    ON scenario_notifications (created_at, user_id, year, milestone_value)
     WHERE status = 'pending';
 
 -- Per-organization thresholds; an empty array means no milestones for that organization.

@@ -1,0 +1,214 @@
+"""The batch path against the real Postgres, compared with a one-event-at-a-time oracle.
+
+Random sequences of logs, duplicates, conflicting re-logs, deletes (also before their log) and
+preference changes are cut into random batches and written through the engine's own
+BatchWriter. Whatever the cut, counts and milestone records must equal the oracle's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.domain.batch import Envelope, preference_wins, PreferenceRow
+from consumer.domain.calendar import is_late, session_year
+from consumer.ops.metrics import Metrics
+from consumer.store.migrate import migrate
+from consumer.store.postgres import BatchOptions
+from consumer.stream.writer import BatchWriter
+from schemas.events import ActivityDeleted, ActivityLogged, PreferencesChanged
+
+TZ = ZoneInfo("Europe/Oslo")
+THRESHOLDS = (2, 3, 5)
+GRACE_DAYS = 31
+MENTORS = [UUID(int=index + 1) for index in range(3)]
+ORGS = {mentor: UUID(int=100 + index) for index, mentor in enumerate(MENTORS)}
+ACTIVITIES = [UUID(int=1000 + index) for index in range(10)]
+# Around the Oslo new year, so some sessions fall in 2025 (late, suppressed) and some in 2026.
+MOMENTS = [
+    datetime(2025, 12, 31, 22, 30, tzinfo=UTC),
+    datetime(2025, 12, 31, 23, 30, tzinfo=UTC),
+    datetime(2026, 3, 14, 9, 0, tzinfo=UTC),
+]
+CHANGED = [datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=hour) for hour in range(3)]
+TYPES = ["session", "session", "call"]
+COUNTED = frozenset({"session"})
+EVENT_ID = UUID(int=7)
+
+
+@dataclass(frozen=True)
+class Log:
+    activity: int
+    mentor: int
+    moment: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class Delete:
+    activity: int
+    mentor: int
+
+
+@dataclass(frozen=True)
+class Preference:
+    mentor: int
+    enabled: bool
+    changed: int
+
+
+events_strategy = st.lists(
+    st.one_of(
+        st.builds(Log, st.integers(0, 9), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+        st.builds(Delete, st.integers(0, 9), st.integers(0, 2)),
+        st.builds(Preference, st.integers(0, 2), st.booleans(), st.integers(0, 2)),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def to_event(item: Log | Delete | Preference) -> ActivityLogged | ActivityDeleted | PreferencesChanged:
+    if isinstance(item, Log):
+        mentor = MENTORS[item.mentor]
+        return ActivityLogged(
+            event_type="activity.logged", schema_version=1, event_id=EVENT_ID,
+            activity_id=ACTIVITIES[item.activity], mentor_id=mentor, organization_id=ORGS[mentor],
+            occurred_at=MOMENTS[item.moment], activity_type=TYPES[item.kind],
+        )
+    if isinstance(item, Delete):
+        mentor = MENTORS[item.mentor]
+        return ActivityDeleted(
+            event_type="activity.deleted", schema_version=1, event_id=EVENT_ID,
+            activity_id=ACTIVITIES[item.activity], mentor_id=mentor, organization_id=ORGS[mentor],
+            deleted_at=CHANGED[0],
+        )
+    return PreferencesChanged(
+        event_type="preferences.changed", schema_version=1, event_id=EVENT_ID,
+        mentor_id=MENTORS[item.mentor], milestone_notifications=item.enabled,
+        changed_at=CHANGED[item.changed],
+    )
+
+
+Record = tuple[UUID, int, int, str, UUID | None, int]
+
+
+def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datetime
+           ) -> tuple[dict[tuple[UUID, int], int], set[Record]]:
+    """One event at a time; a batch's preference changes first (the contract's rule)."""
+    ledger: dict[UUID, dict[str, object]] = {}
+    counts: dict[tuple[UUID, int], int] = defaultdict(int)
+    touched: set[tuple[UUID, int]] = set()
+    prefs: dict[UUID, PreferenceRow] = {}
+    records: dict[tuple[UUID, int, int], Record] = {}
+    for batch in batches:
+        for item in batch:
+            if isinstance(item, Preference):
+                row = PreferenceRow(MENTORS[item.mentor], item.enabled, CHANGED[item.changed])
+                if row.mentor_id not in prefs or preference_wins(row, prefs[row.mentor_id]):
+                    prefs[row.mentor_id] = row
+        for item in batch:
+            if isinstance(item, Preference):
+                continue
+            activity = ACTIVITIES[item.activity]
+            if isinstance(item, Log):
+                mentor = MENTORS[item.mentor]
+                year = session_year(MOMENTS[item.moment], TZ)
+                entry = ledger.get(activity)
+                if entry is not None:
+                    if entry["mentor"] is None:
+                        entry.update(mentor=mentor, year=year)
+                    continue
+                counted = TYPES[item.kind] in COUNTED
+                ledger[activity] = {"mentor": mentor, "year": year, "counted": counted,
+                                    "deleted": False}
+                if not counted:
+                    continue
+                key = (mentor, year)
+                counts[key] += 1
+                touched.add(key)
+                opted_out = key[0] in prefs and not prefs[key[0]].milestone_notifications
+                late = is_late(year, db_now, TZ, GRACE_DAYS)
+                for threshold in THRESHOLDS:
+                    if counts[key] < threshold:
+                        break
+                    if (mentor, year, threshold) not in records:
+                        status = "suppressed" if opted_out or late else "pending"
+                        records[(mentor, year, threshold)] = (
+                            mentor, year, threshold, status, activity, threshold)
+            else:
+                entry = ledger.get(activity)
+                if entry is None:
+                    ledger[activity] = {"mentor": None, "year": None, "counted": False,
+                                        "deleted": True}
+                elif not entry["deleted"]:
+                    entry["deleted"] = True
+                    if entry["counted"]:
+                        entry["counted"] = False
+                        key = (entry["mentor"], entry["year"])  # type: ignore[assignment]
+                        counts[key] -= 1
+    return {key: counts[key] for key in touched}, set(records.values())
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield pool
+    await pool.close()
+
+
+def split(items: list[Log | Delete | Preference], cuts: list[int]) -> list[list[Log | Delete | Preference]]:
+    points = sorted({cut % (len(items) + 1) for cut in cuts} | {0, len(items)})
+    return [items[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(items=events_strategy, cuts=st.lists(st.integers(0, 40), max_size=6))
+async def test_any_batching_gives_the_one_at_a_time_result(
+    pool: asyncpg.Pool, items: list[Log | Delete | Preference], cuts: list[int]
+) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute(
+            "TRUNCATE activity_ledger, annual_summary, scenario_notifications, mentor_preferences"
+        )
+        db_now = await connection.fetchval("SELECT now()")
+    writer = BatchWriter(
+        pool, BatchOptions(tz=TZ, default_thresholds=THRESHOLDS, grace_days=GRACE_DAYS),
+        Metrics(), counted_types=COUNTED,
+    )
+    batches = split(items, cuts)
+    position = 0
+    for batch in batches:
+        envelopes = []
+        for item in batch:
+            envelopes.append(Envelope(to_event(item), position, "t", 0, position, 1_795_000_000_000))
+            position += 1
+        outcome = await writer.write(envelopes)
+        assert not outcome.refused
+    expected_counts, expected_records = oracle(batches, db_now)
+    async with pool.acquire() as connection:
+        summary = {
+            (row["user_id"], row["year"]): row["session_count"]
+            for row in await connection.fetch("SELECT user_id, year, session_count FROM annual_summary")
+        }
+        stored = {
+            (row["user_id"], row["year"], row["milestone_value"], row["status"], row["activity_id"],
+             row["session_count"])
+            for row in await connection.fetch(
+                "SELECT user_id, year, milestone_value, status, activity_id, session_count"
+                " FROM scenario_notifications")
+        }
+    assert {key: value for key, value in summary.items()} == expected_counts
+    assert stored == expected_records
