@@ -65,6 +65,7 @@ LOCALHOST = "127.0.0.1"
 POSTGRES_SYSTEM_USER = "embedded_postgres"
 _TOPIC_ALREADY_EXISTS = 36
 _LOG_TAIL_BYTES = 4000
+_BIND_GRACE_S = 0.05
 
 
 # --------------------------------------------------------------------------- ports
@@ -105,8 +106,7 @@ def wait_for_port(
             return
         if process is not None and process.poll() is not None:
             raise RuntimeError(
-                f"process {process.pid} exited with {process.returncode} "
-                f"before listening on {host}:{port}"
+                f"process {process.pid} exited with {process.returncode} before listening on {host}:{port}"
             )
         if time.monotonic() >= deadline:
             raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
@@ -134,8 +134,7 @@ async def async_wait_for_port(
             return
         if process is not None and process.poll() is not None:
             raise RuntimeError(
-                f"process {process.pid} exited with {process.returncode} "
-                f"before listening on {host}:{port}"
+                f"process {process.pid} exited with {process.returncode} before listening on {host}:{port}"
             )
         if time.monotonic() >= deadline:
             raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
@@ -179,6 +178,7 @@ class _Server:
     log_path: Path
     stop_signal: signal.Signals
     stop_timeout_s: float
+    escalation_signal: signal.Signals | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -192,6 +192,7 @@ class _Server:
         stop_signal: signal.Signals,
         stop_timeout_s: float,
         death_signal: signal.Signals,
+        escalation_signal: signal.Signals | None = None,
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         cwd: Path | None = None,
@@ -217,7 +218,7 @@ class _Server:
         except BaseException:
             log_file.close()
             raise
-        server = cls(name, process, log_path, stop_signal, stop_timeout_s, log_file)
+        server = cls(name, process, log_path, stop_signal, stop_timeout_s, escalation_signal, log_file)
         with _live_lock:
             _live.add(server)
         return server
@@ -236,7 +237,7 @@ class _Server:
         if self.process.poll() is not None:
             raise RuntimeError(
                 f"{self.name} exited with status {self.process.returncode} at start; "
-                f"its log ({self.log_path}) ends with:\n{self.log_tail()}"
+                f"its log ends with:\n{self.log_tail()}"
             )
 
     def stop(self) -> None:
@@ -248,8 +249,14 @@ class _Server:
             if self.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.send_signal(self.stop_signal)
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                try:
                     self.process.wait(self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    if self.escalation_signal is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            self.process.send_signal(self.escalation_signal)
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self.process.wait(5)
             # Sweep the group even after a clean exit: helpers it forked must not outlive it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -275,6 +282,40 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_WORKDIR_PREFIX = "milestones-"
+_OWNER_FILE = "owner.pid"
+
+
+def _new_workdir(kind: str) -> Path:
+    """A temporary directory tagged with our pid, after removing those whose owner is gone
+    (a parent killed by SIGKILL or an unhandled SIGTERM cannot clean up after itself; its
+    servers died with it through the parent-death signal)."""
+    _sweep_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{kind}-"))
+    (workdir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return workdir
+
+
+def _sweep_stale_workdirs() -> None:
+    for candidate in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*-*"):
+        try:
+            owner = int((candidate / _OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if not _pid_alive(owner):
+            _remove_tree(candidate)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- broker
 
 
@@ -286,7 +327,6 @@ class EmbeddedBroker:
     port: int
     workdir: Path
     _server: _Server = field(repr=False)
-    _owns_workdir: bool = field(default=True, repr=False)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -305,8 +345,7 @@ class EmbeddedBroker:
         try:
             self._server.stop()
         finally:
-            if self._owns_workdir:
-                _remove_tree(self.workdir)
+            _remove_tree(self.workdir)
 
 
 def _broker_binary() -> str:
@@ -345,6 +384,12 @@ def _spawn_broker(host: str, port: int | None, workdir: Path) -> tuple[_Server, 
     return server, chosen
 
 
+def _confirm_listener(server: _Server) -> None:
+    """The port answered; make sure it was our broker and not another process that took the
+    port first (ours would then have exited on the failed bind, which the caller waited for)."""
+    server.check_alive()
+
+
 def _clean_env(drop: Sequence[str]) -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in drop}
 
@@ -363,11 +408,13 @@ def start_broker(
     """
     last_error: Exception | None = None
     for _ in range(attempts if port is None else 1):
-        workdir = Path(tempfile.mkdtemp(prefix="milestones-broker-"))
+        workdir = _new_workdir("broker")
         server, chosen = _spawn_broker(host, port, workdir)
         broker = EmbeddedBroker(host, chosen, workdir, server)
         try:
             wait_for_port(host, chosen, startup_timeout_s, process=server.process)
+            time.sleep(_BIND_GRACE_S)
+            _confirm_listener(server)
             return broker
         except RuntimeError as exc:
             last_error = RuntimeError(f"{exc}; log:\n{server.log_tail()}")
@@ -384,11 +431,13 @@ async def _async_start_broker(
 ) -> EmbeddedBroker:
     last_error: Exception | None = None
     for _ in range(attempts if port is None else 1):
-        workdir = Path(tempfile.mkdtemp(prefix="milestones-broker-"))
+        workdir = _new_workdir("broker")
         server, chosen = _spawn_broker(host, port, workdir)
         broker = EmbeddedBroker(host, chosen, workdir, server)
         try:
             await async_wait_for_port(host, chosen, startup_timeout_s, process=server.process)
+            await asyncio.sleep(_BIND_GRACE_S)
+            _confirm_listener(server)
             return broker
         except RuntimeError as exc:
             last_error = RuntimeError(f"{exc}; log:\n{server.log_tail()}")
@@ -457,9 +506,7 @@ async def create_topics(
         count = partitions if isinstance(partitions, int) else partitions.get(name, 1)
         topic_configs = dict((configs or {}).get(name, {}))
         new_topics.append(NewTopic(name, count, 1, topic_configs=topic_configs))
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
-    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
         try:
@@ -537,10 +584,11 @@ def _add_mode(path: Path, bits: int) -> None:
 def _open_to_others(bin_dir: Path, workdir: Path) -> None:
     """Let another user traverse to, read and run the bundled server (a pip install as root may
     sit under a 0700 home)."""
-    traverse = stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH
+    search = stat.S_IXGRP | stat.S_IXOTH
     read = stat.S_IRGRP | stat.S_IROTH
+    traverse = search | read
     for parent in [*bin_dir.parents, *workdir.parents]:
-        _add_mode(parent, traverse)
+        _add_mode(parent, search)
     install = bin_dir.parent
     for root, dirs, files in os.walk(install):
         _add_mode(Path(root), traverse)
@@ -614,7 +662,7 @@ class _PostgresLayout:
 def _init_cluster(init_timeout_s: float) -> _PostgresLayout:
     """``initdb`` in a new temporary directory (the slow part: run it off the event loop)."""
     bin_dir = _postgres_bin()
-    workdir = Path(tempfile.mkdtemp(prefix="milestones-pg-"))
+    workdir = Path(_new_workdir("pg"))
     try:
         user = _prepare_for_system_user(bin_dir, workdir)
         data_dir = workdir / "data"
@@ -670,8 +718,10 @@ def _spawn_postgres(layout: _PostgresLayout, host: str, port: int, durable: bool
         log_path=layout.log_path,
         stop_signal=signal.SIGINT,
         stop_timeout_s=10.0,
-        # SIGQUIT is PostgreSQL's immediate shutdown: the postmaster ends its backends too.
+        # SIGQUIT is PostgreSQL's immediate shutdown: the postmaster ends its backends too
+        # (they run in sessions of their own, out of reach of the group SIGKILL).
         death_signal=signal.SIGQUIT,
+        escalation_signal=signal.SIGQUIT,
         env=_postgres_env(),
         user=layout.user,
         cwd=layout.workdir,
@@ -692,9 +742,7 @@ def _postgres_attempts(port: int | None) -> int:
     return 3 if port is None else 1
 
 
-def _start_attempt(
-    layout: _PostgresLayout, host: str, port: int | None, durable: bool
-) -> EmbeddedPostgres:
+def _start_attempt(layout: _PostgresLayout, host: str, port: int | None, durable: bool) -> EmbeddedPostgres:
     chosen = port if port is not None else free_port(host)
     server = _spawn_postgres(layout, host, chosen, durable)
     return EmbeddedPostgres(host, chosen, layout.workdir, server)

@@ -6,7 +6,6 @@ Each test produces to its own topics and asserts on Postgres and on the output t
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from uuid import uuid4
@@ -60,18 +59,23 @@ async def test_task_card_cases_end_to_end(
     ids = notification_ids(records)
     assert sorted(ids) == sorted(expected), "each expected notification exactly once, no other"
     counts = await db.counts()
-    assert counts[(at_49, 2026)] == 49 and counts[(at_201, 2026)] == 201
+    assert counts[(at_49, 2026)] == 49
+    assert counts[(at_201, 2026)] == 201
     statuses = await eventually(db.statuses, lambda s: "pending" not in s.values())
     assert statuses[(opted_out, 2026, 50)] == "suppressed"
     assert (at_49, 2026, 50) not in statuses
     assert statuses[(at_201_recorded, 2026, 200)] == "published"
     # The event carries what the contract says, and the record agrees with it.
     message = next(r.json() for r in records if r.json()["notification_id"] == nid(at_50, 2026, 50))
-    assert message["session_count"] == 50 and message["milestone_value"] == 50
-    assert message["year"] == 2026 and message["scenario_type"] == "milestone"
-    assert message["organization_id"] == ORG and message["activity_id"] is not None
+    assert message["session_count"] == 50
+    assert message["milestone_value"] == 50
+    assert message["year"] == 2026
+    assert message["scenario_type"] == "milestone"
+    assert message["organization_id"] == ORG
+    assert message["activity_id"] is not None
     row = next(r for r in await db.records() if str(r["id"]) == nid(at_50, 2026, 50))
-    assert str(row["activity_id"]) == message["activity_id"] and row["session_count"] == 50
+    assert str(row["activity_id"]) == message["activity_id"]
+    assert row["session_count"] == 50
     ascending = [r.json()["milestone_value"] for r in records if r.json()["mentor_id"] == at_201]
     assert ascending == [50, 100, 200]
     assert await engine.stop() == 0
@@ -99,9 +103,6 @@ async def test_duplicates_and_redelivered_activities_count_once(
     metrics = await engine.metrics()
     assert 'milestones_events_total{outcome="conflict"} 1' in metrics
     assert await engine.stop() == 0
-
-
-REJECTED: list[tuple[str, bytes | None, str]] = []
 
 
 def _rejections(mentor: str, record_ms: int) -> list[tuple[str, bytes | None, bytes | None]]:
@@ -171,7 +172,8 @@ async def test_every_rejection_goes_to_the_dead_letter_topic_and_the_service_kee
         assert letter.key == key, label
         assert letter.value == value, label  # byte for byte; a null stays null
         error = letter.header("error") or ""
-        assert error and "\n" not in error, label
+        assert error, label
+        assert "\n" not in error, label
     assert not sent
     assert (await db.counts())[(mentor, 2026)] == 50  # the refused session is not counted
     assert await engine.stop() == 0
@@ -318,7 +320,8 @@ async def test_a_bad_setting_stops_with_one_line_naming_it(
     assert await process.wait(30) == 2
     lines = process.stderr().strip().splitlines()
     assert len(lines) == 1, process.stderr()
-    assert variable in lines[0] and "Traceback" not in process.stderr()
+    assert variable in lines[0]
+    assert "Traceback" not in process.stderr()
 
 
 async def test_run_without_permission_to_migrate_says_to_run_migrate(
@@ -343,12 +346,11 @@ async def test_migrate_twice_concurrently_is_safe(
     engine_process: EngineLauncher, db: Db
 ) -> None:
     first, second = engine_process(args=("migrate",)), engine_process(args=("migrate",))
-    assert await first.wait(60) == 0 and await second.wait(60) == 0
+    assert await first.wait(60) == 0
+    assert await second.wait(60) == 0
     versions = await db.connection.fetch("SELECT version FROM schema_migrations")
     assert len(versions) >= 1
     again = engine_process(args=("migrate",))
-    assert await again.wait(60) == 0 and "applied 0 migration" in again.stdout()
+    assert await again.wait(60) == 0
+    assert "applied 0 migration" in again.stdout()
 
-
-def _json(record_value: bytes) -> dict[str, object]:
-    return json.loads(record_value)  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ BatchWriter. Whatever the cut, counts and milestone records must equal the oracl
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.domain.batch import Envelope, preference_wins, PreferenceRow
+from consumer.domain.batch import Envelope, PreferenceRow, preference_wins
 from consumer.domain.calendar import is_late, session_year
 from consumer.ops.metrics import Metrics
 from consumer.store.migrate import migrate
@@ -170,7 +171,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 def split(items: list[Log | Delete | Preference], cuts: list[int]) -> list[list[Log | Delete | Preference]]:
     points = sorted({cut % (len(items) + 1) for cut in cuts} | {0, len(items)})
-    return [items[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [items[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 @settings(max_examples=50, deadline=None,

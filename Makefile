@@ -1,0 +1,57 @@
+# Run it: `make demo`. Test it: `make test`. Needs only python3 (3.11+) and make: the first
+# target to run creates .venv and installs the project with its dev extras into it.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Touched after a successful install; pip runs again only when pyproject.toml is newer.
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test lint bench coverage clean
+
+help:
+	@echo "make demo      run the engine against an embedded broker and Postgres"
+	@echo "make test      ruff, mypy, then the whole pytest suite (PYTEST_ARGS=... to narrow)"
+	@echo "make lint      ruff and mypy only"
+	@echo "make bench     the benchmarks"
+	@echo "make coverage  the test suite under coverage, with branches"
+	@echo "make venv      create .venv and install the project (done by the targets above)"
+	@echo "make clean     remove .venv and caches"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "$(PYTHON) is older than 3.11: set PYTHON=python3.11" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) \
+		|| { echo "'$(PYTHON) -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+	$(BIN)/python -m pip install --disable-pip-version-check --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/milestones demo $(DEMO_ARGS)
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+coverage: venv
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage report --skip-covered
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* htmlcov build dist
+	find . -name '*.egg-info' -prune -exec rm -rf {} +
+	find . -name __pycache__ -prune -exec rm -rf {} +
