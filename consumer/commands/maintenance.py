@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from consumer.settings import Settings
+from consumer.commands.common import command_pool, current_year
+from consumer.settings import Settings, SettingsError
 from consumer.store.migrate import migrate
+from consumer.store.retention import close_years, delete_closed_sessions, delete_old_tombstones
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +28,37 @@ async def migrate_command(settings: Settings) -> int:
 
 async def reconcile_command(settings: Settings, *, year: int | None, fix: bool,
                             rebuild: bool) -> int:
-    raise NotImplementedError
+    from consumer.commands.reconcile import reconcile_command as run_reconcile
+
+    return await run_reconcile(settings, year=year, fix=fix, rebuild=rebuild)
 
 
 async def prune_command(settings: Settings, *, before_year: int, tombstone_days: int) -> int:
-    raise NotImplementedError
+    """Close the years before ``before_year``: drop their ledger rows, ignore them from now on.
+
+    The watermark is recorded (and the database guard installed) before any row is deleted,
+    so a duplicate arriving meanwhile can never be counted again. ``annual_summary`` and the
+    milestone records of closed years stay: they are the history.
+    """
+    this_year = current_year(settings)
+    if before_year > this_year:
+        raise SettingsError(
+            f"--before-year {before_year}: would close the current year {this_year} or later"
+        )
+    if tombstone_days < 0:
+        raise SettingsError("--tombstone-days: must be 0 or more")
+    started = time.monotonic()
+    async with command_pool(settings, max_size=1) as pool, pool.acquire() as connection:
+        watermark = await close_years(connection, before_year - 1)
+        if watermark > before_year - 1:
+            print(f"years through {watermark} were already closed; the watermark stays there")
+        pruned = await delete_closed_sessions(connection, watermark)
+        tombstones = await delete_old_tombstones(connection, tombstone_days)
+    log.info("prune: closed through %d, %d ledger row(s) and %d tombstone(s) deleted",
+             watermark, pruned.deleted, tombstones)
+    print(
+        f"closed every year through {watermark}: sessions of those years are ignored from now on;"
+        f" deleted {pruned.deleted:,} of {pruned.scanned:,} ledger row(s) and {tombstones:,}"
+        f" tombstone(s) older than {tombstone_days} day(s) in {time.monotonic() - started:.2f} s"
+    )
+    return 0
