@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     notification_topic: str = Field("milestone-notifications", min_length=1)
     dlq_topic: str = Field("activity-logged.dlq", min_length=1)
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
+    kafka_request_timeout_ms: int = Field(15_000, ge=1_000)
     thresholds: Annotated[tuple[int, ...], NoDecode] = (50, 100, 200)
     timezone: str = "Europe/Oslo"
     notify_grace_days: int = Field(31, ge=0)
@@ -69,6 +70,10 @@ class Settings(BaseSettings):
                 numbers = [int(item) for item in items]
             except (TypeError, ValueError):
                 raise ValueError(f"not a comma list of integers: {value!r}") from None
+            if not numbers:
+                # An organization's empty row means "no milestones"; an empty default is far
+                # more likely a broken deployment than a wish, so it is refused.
+                raise ValueError("empty: give at least one threshold, e.g. 50,100,200")
             return normalize_thresholds(numbers)
         return value
 

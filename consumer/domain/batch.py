@@ -191,7 +191,7 @@ def tally(
     for activity_id in inserted_counted:
         log = by_id[activity_id]
         key = (log.mentor_id, log.year)
-        step = Step(1, activity_id, log.occurred_at, log.timestamp_ms)
+        step = Step(1, activity_id, log.occurred_at, log.timestamp_ms, log.organization_id)
         ordered.append((log.position, key, step, log.organization_id))
     for item in removed:
         delete = delete_at[item.activity_id]

@@ -6,7 +6,7 @@ never re-record a milestone already on record for the same mentor and year.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -65,12 +65,17 @@ def evaluate(
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One change of a mentor-year's running count, in processing (offset) order."""
+    """One change of a mentor-year's running count, in processing (offset) order.
+
+    A counted session (+1) carries its organization, which becomes the mentor-year's; a delete
+    (-1) carries none and leaves the organization as it is.
+    """
 
     delta: int
     activity_id: UUID
     occurred_at: datetime | None
     record_timestamp_ms: int
+    organization_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,31 +140,61 @@ def decide(
     late: bool,
     suppress_before_ms: int | None = None,
     evaluated_at_ms: int = 0,
+    thresholds_of: Callable[[UUID], Sequence[int]] | None = None,
 ) -> list[MilestoneRecord]:
-    """The records one mentor-year needs after a batch, ascending by milestone.
+    """The records one mentor-year needs after a batch, in the order they were reached.
 
-    ``suppress_before_ms`` is the ``replay --no-notify`` rule: a milestone reached by a session
-    whose Kafka record is older than the replay's start is recorded as suppressed. A milestone
-    without a crossing session is judged by ``evaluated_at_ms``, the newest record of the batch
-    that evaluated it.
+    The batch is judged one step at a time, exactly as if each event were its own batch: after
+    each step the thresholds of the organization current at that step are evaluated against
+    the running count. So a session logged and deleted in the same batch still reached its
+    milestone, and a milestone reached under an earlier organization of the batch is recorded
+    under that organization. A threshold crossed by a step's own +1 gets that session as its
+    crossing; one already reached before the step (a threshold added later, a change of
+    organization) has none: ``activity_id`` null and ``session_count`` the count after the batch.
+
+    ``thresholds`` are those of ``organization_id`` (the organization after the batch);
+    ``thresholds_of`` gives another organization's. ``suppress_before_ms`` is the
+    ``replay --no-notify`` rule: a milestone reached by a session whose Kafka record is older
+    than the replay's start is recorded as suppressed; one without a crossing is judged by the
+    record of the step that evaluated it. Without steps (a plain re-evaluation) the count after
+    is judged once, under ``organization_id``, as of ``evaluated_at_ms``.
     """
-    peak, crossings = walk(count_after, steps, thresholds)
+    running = count_after - sum(step.delta for step in steps)
+    already = set(recorded)
+    # Before the batch's first counted session the organization is the one already on the
+    # summary, which is the final one when no step brings an organization.
+    current = None if any(step.organization_id for step in steps) else organization_id
     records: list[MilestoneRecord] = []
-    for decision in evaluate(peak, thresholds, recorded, opted_out=opted_out, notify=not late):
-        crossing = crossings.get(decision.milestone_value)
-        timestamp_ms = crossing.record_timestamp_ms if crossing else evaluated_at_ms
-        replayed = suppress_before_ms is not None and timestamp_ms < suppress_before_ms
-        records.append(
-            MilestoneRecord(
-                id=notification_id(mentor_id, year, decision.milestone_value),
-                mentor_id=mentor_id,
-                organization_id=organization_id,
-                year=year,
-                milestone_value=decision.milestone_value,
-                session_count=decision.milestone_value if crossing else count_after,
-                status="pending" if decision.emit and not replayed else "suppressed",
-                activity_id=crossing.activity_id if crossing else None,
-                reached_at=crossing.occurred_at if crossing else None,
-            )
+    if not steps:
+        steps = [Step(0, mentor_id, None, evaluated_at_ms)]
+    for step in steps:
+        before = running
+        running += step.delta
+        if step.organization_id is not None:
+            current = step.organization_id
+        if current is None:
+            continue  # a delete ahead of the batch's first session: judged at that session
+        own = thresholds if current == organization_id or thresholds_of is None else (
+            thresholds_of(current)
         )
+        for decision in evaluate(running, own, already, opted_out=opted_out, notify=not late):
+            value = decision.milestone_value
+            already.add(value)
+            crossed = step.delta > 0 and before < value
+            replayed = (
+                suppress_before_ms is not None and step.record_timestamp_ms < suppress_before_ms
+            )
+            records.append(
+                MilestoneRecord(
+                    id=notification_id(mentor_id, year, value),
+                    mentor_id=mentor_id,
+                    organization_id=current,
+                    year=year,
+                    milestone_value=value,
+                    session_count=value if crossed else count_after,
+                    status="pending" if decision.emit and not replayed else "suppressed",
+                    activity_id=step.activity_id if crossed else None,
+                    reached_at=step.occurred_at if crossed else None,
+                )
+            )
     return records

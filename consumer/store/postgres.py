@@ -157,6 +157,11 @@ async def _apply(
     if not changes:
         return result
     contexts = await connection.fetch(batch_sql.UPSERT_SUMMARY, *_year_inputs(changes))
+    other_thresholds = await _thresholds_of_other_organizations(connection, contexts, changes)
+
+    def thresholds_of(organization_id: UUID) -> tuple[int, ...]:
+        return other_thresholds.get(organization_id, options.default_thresholds)
+
     for context in contexts:
         key = (context["user_id"], context["year"])
         change = changes[key]
@@ -175,7 +180,7 @@ async def _apply(
                 opted_out=context["opted_out"],
                 late=is_late(key[1], db_now, options.tz, options.grace_days),
                 suppress_before_ms=options.suppress_before_ms,
-                evaluated_at_ms=change.newest_timestamp_ms,
+                thresholds_of=thresholds_of,
             )
         )
     if result.records:
@@ -184,6 +189,32 @@ async def _apply(
         written = {row["id"] for row in rows}
         result.records = [record for record in result.records if record.id in written]
     return result
+
+
+async def _thresholds_of_other_organizations(
+    connection: asyncpg.Connection,
+    contexts: Sequence[asyncpg.Record],
+    changes: dict[tuple[UUID, int], YearChange],
+) -> dict[UUID, tuple[int, ...]]:
+    """Thresholds of organizations a mentor-year had earlier in the batch than its last one.
+
+    Rare (a mentor moving between organizations within one batch), so it costs a statement
+    only when it happens.
+    """
+    others: set[UUID] = set()
+    for context in contexts:
+        final = context["organization_id"]
+        for step in changes[(context["user_id"], context["year"])].steps:
+            if step.organization_id is not None and step.organization_id != final:
+                others.add(step.organization_id)
+    if not others:
+        return {}
+    rows = await connection.fetch(
+        "SELECT organization_id, thresholds FROM milestone_thresholds"
+        " WHERE organization_id = ANY($1::uuid[])",
+        sorted(others),
+    )
+    return {row["organization_id"]: tuple(sorted(set(row["thresholds"]))) for row in rows}
 
 
 __all__ = ["BatchOptions", "BatchResult", "StoreError", "apply_batch", "connect_pool"]

@@ -32,7 +32,10 @@ TZ = ZoneInfo("Europe/Oslo")
 THRESHOLDS = (2, 3, 5)
 GRACE_DAYS = 31
 MENTORS = [UUID(int=index + 1) for index in range(3)]
-ORGS = {mentor: UUID(int=100 + index) for index, mentor in enumerate(MENTORS)}
+# The second organization has its own thresholds: a mentor moving between the two (within a
+# batch, too) must be judged step by step, under the organization current at each step.
+ORGS = [UUID(int=100), UUID(int=101)]
+ORG_THRESHOLDS = {ORGS[1]: (1, 3)}
 ACTIVITIES = [UUID(int=1000 + index) for index in range(10)]
 # Around the Oslo new year, so some sessions fall in 2025 (late, suppressed) and some in 2026.
 MOMENTS = [
@@ -52,6 +55,7 @@ class Log:
     mentor: int
     moment: int
     kind: int
+    org: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class Preference:
 
 events_strategy = st.lists(
     st.one_of(
-        st.builds(Log, st.integers(0, 9), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+        st.builds(Log, st.integers(0, 9), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2),
+                  st.sampled_from([0, 0, 0, 1])),
         st.builds(Delete, st.integers(0, 9), st.integers(0, 2)),
         st.builds(Preference, st.integers(0, 2), st.booleans(), st.integers(0, 2)),
     ),
@@ -83,14 +88,14 @@ def to_event(item: Log | Delete | Preference) -> ActivityLogged | ActivityDelete
         mentor = MENTORS[item.mentor]
         return ActivityLogged(
             event_type="activity.logged", schema_version=1, event_id=EVENT_ID,
-            activity_id=ACTIVITIES[item.activity], mentor_id=mentor, organization_id=ORGS[mentor],
+            activity_id=ACTIVITIES[item.activity], mentor_id=mentor, organization_id=ORGS[item.org],
             occurred_at=MOMENTS[item.moment], activity_type=TYPES[item.kind],
         )
     if isinstance(item, Delete):
         mentor = MENTORS[item.mentor]
         return ActivityDeleted(
             event_type="activity.deleted", schema_version=1, event_id=EVENT_ID,
-            activity_id=ACTIVITIES[item.activity], mentor_id=mentor, organization_id=ORGS[mentor],
+            activity_id=ACTIVITIES[item.activity], mentor_id=mentor, organization_id=ORGS[0],
             deleted_at=CHANGED[0],
         )
     return PreferencesChanged(
@@ -100,7 +105,7 @@ def to_event(item: Log | Delete | Preference) -> ActivityLogged | ActivityDelete
     )
 
 
-Record = tuple[UUID, int, int, str, UUID | None, int]
+Record = tuple[UUID, int, int, str, UUID | None, int, UUID]
 
 
 def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datetime
@@ -112,6 +117,7 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
     prefs: dict[UUID, PreferenceRow] = {}
     records: dict[tuple[UUID, int, int], Record] = {}
     for batch in batches:
+        reached_before: list[tuple[UUID, int, int]] = []
         for item in batch:
             if isinstance(item, Preference):
                 row = PreferenceRow(MENTORS[item.mentor], item.enabled, CHANGED[item.changed])
@@ -137,15 +143,20 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
                 key = (mentor, year)
                 counts[key] += 1
                 touched.add(key)
+                org = ORGS[item.org]
                 opted_out = key[0] in prefs and not prefs[key[0]].milestone_notifications
                 late = is_late(year, db_now, TZ, GRACE_DAYS)
-                for threshold in THRESHOLDS:
+                for threshold in ORG_THRESHOLDS.get(org, THRESHOLDS):
                     if counts[key] < threshold:
                         break
                     if (mentor, year, threshold) not in records:
                         status = "suppressed" if opted_out or late else "pending"
+                        crossed = counts[key] == threshold
                         records[(mentor, year, threshold)] = (
-                            mentor, year, threshold, status, activity, threshold)
+                            mentor, year, threshold, status, activity if crossed else None,
+                            threshold, org)
+                        if not crossed:
+                            reached_before.append((mentor, year, threshold))
             else:
                 entry = ledger.get(activity)
                 if entry is None:
@@ -157,6 +168,10 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
                         entry["counted"] = False
                         key = (entry["mentor"], entry["year"])  # type: ignore[assignment]
                         counts[key] -= 1
+        # A milestone reached before its evaluating step records the count after the batch.
+        for mentor, year, threshold in reached_before:
+            old = records[(mentor, year, threshold)]
+            records[(mentor, year, threshold)] = (*old[:5], counts[(mentor, year)], old[6])
     return {key: counts[key] for key in touched}, set(records.values())
 
 
@@ -182,7 +197,11 @@ async def test_any_batching_gives_the_one_at_a_time_result(
 ) -> None:
     async with pool.acquire() as connection:
         await connection.execute(
-            "TRUNCATE activity_ledger, annual_summary, scenario_notifications, mentor_preferences"
+            "TRUNCATE activity_ledger, annual_summary, scenario_notifications, mentor_preferences,"
+            " milestone_thresholds"
+        )
+        await connection.execute(
+            "INSERT INTO milestone_thresholds VALUES ($1, $2)", ORGS[1], list(ORG_THRESHOLDS[ORGS[1]])
         )
         db_now = await connection.fetchval("SELECT now()")
     writer = BatchWriter(
@@ -206,10 +225,10 @@ async def test_any_batching_gives_the_one_at_a_time_result(
         }
         stored = {
             (row["user_id"], row["year"], row["milestone_value"], row["status"], row["activity_id"],
-             row["session_count"])
+             row["session_count"], row["organization_id"])
             for row in await connection.fetch(
-                "SELECT user_id, year, milestone_value, status, activity_id, session_count"
-                " FROM scenario_notifications")
+                "SELECT user_id, year, milestone_value, status, activity_id, session_count,"
+                " organization_id FROM scenario_notifications")
         }
     assert {key: value for key, value in summary.items()} == expected_counts
     assert stored == expected_records
