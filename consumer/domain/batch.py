@@ -14,7 +14,7 @@ from datetime import datetime
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from consumer.domain.calendar import session_year
+from consumer.domain.calendar import year_of
 from consumer.domain.milestones import Step
 from schemas.events import ActivityDeleted, ActivityLogged, PreferencesChanged
 
@@ -106,49 +106,56 @@ def plan_batch(
     The first ``activity.logged`` of an id wins; a later one with other fields is a conflict.
     The first ``activity.deleted`` of an id is kept; all deletes are applied after the logs, so
     a delete that came first marks its log as not counted instead.
+
+    Dictionaries are keyed by ``uuid.int``: ``UUID.__hash__`` is a Python-level method, and it
+    was called several times per event.
     """
     plan = BatchPlan(envelopes=list(envelopes))
-    logs: dict[UUID, LogRow] = {}
-    deletes: dict[UUID, DeleteRow] = {}
-    preferences: dict[UUID, PreferenceRow] = {}
+    logs: dict[int, LogRow] = {}
+    deletes: dict[int, DeleteRow] = {}
+    preferences: dict[int, PreferenceRow] = {}
+    year_of_session = year_of(tz)
     for envelope in envelopes:
         event = envelope.event
-        if isinstance(event, PreferencesChanged):
-            row = PreferenceRow(event.mentor_id, event.milestone_notifications, event.changed_at)
-            current = preferences.get(event.mentor_id)
-            if current is None or preference_wins(row, current):
-                preferences[event.mentor_id] = row
-        elif isinstance(event, ActivityDeleted):
-            if event.activity_id not in deletes:
-                deletes[event.activity_id] = DeleteRow(
-                    event.activity_id, event.deleted_at, envelope.position, envelope.timestamp_ms
-                )
-        else:
-            year = session_year(event.occurred_at, tz)
+        if type(event) is ActivityLogged:
+            year = year_of_session(event.occurred_at)
             if closed_through_year is not None and year <= closed_through_year:
                 plan.closed_year += 1
                 continue
-            first = logs.get(event.activity_id)
+            key = event.activity_id.int
+            first = logs.get(key)
             if first is not None:
                 if _same_session(first, event, year):
                     plan.duplicates += 1
                 else:
                     plan.conflicts += 1
                 continue
-            earlier_delete = deletes.get(event.activity_id)
-            logs[event.activity_id] = LogRow(
-                activity_id=event.activity_id,
-                mentor_id=event.mentor_id,
-                organization_id=event.organization_id,
-                year=year,
-                occurred_at=event.occurred_at,
-                activity_type=event.activity_type,
-                counted=earlier_delete is None
+            earlier_delete = deletes.get(key)
+            logs[key] = LogRow(
+                event.activity_id,
+                event.mentor_id,
+                event.organization_id,
+                year,
+                event.occurred_at,
+                event.activity_type,
+                earlier_delete is None
                 and (counted_types is None or event.activity_type in counted_types),
-                deleted_at=earlier_delete.deleted_at if earlier_delete else None,
-                position=envelope.position,
-                timestamp_ms=envelope.timestamp_ms,
+                earlier_delete.deleted_at if earlier_delete else None,
+                envelope.position,
+                envelope.timestamp_ms,
             )
+        elif isinstance(event, PreferencesChanged):
+            row = PreferenceRow(event.mentor_id, event.milestone_notifications, event.changed_at)
+            mentor = event.mentor_id.int
+            current = preferences.get(mentor)
+            if current is None or preference_wins(row, current):
+                preferences[mentor] = row
+        elif isinstance(event, ActivityDeleted):
+            key = event.activity_id.int
+            if key not in deletes:
+                deletes[key] = DeleteRow(
+                    event.activity_id, event.deleted_at, envelope.position, envelope.timestamp_ms
+                )
     plan.preferences = [preferences[key] for key in sorted(preferences)]
     plan.logs = [logs[key] for key in sorted(logs)]
     plan.deletes = [deletes[key] for key in sorted(deletes)]
@@ -180,32 +187,42 @@ class YearChange:
 def tally(
     plan: BatchPlan, inserted_counted: Iterable[UUID], removed: Iterable[Removed]
 ) -> dict[tuple[UUID, int], YearChange]:
-    """Turn what the database accepted into ordered per-(mentor, year) steps.
+    """Turn what the database accepted into ordered per-(mentor, year) steps, sorted by key.
 
     ``inserted_counted`` are the new ledger rows that entered the count; ``removed`` the rows a
     delete took out. Anything else in the plan was a duplicate and changes nothing.
     """
-    by_id = {row.activity_id: row for row in plan.logs}
-    delete_at = {row.activity_id: row for row in plan.deletes}
-    ordered: list[tuple[int, tuple[UUID, int], Step, UUID | None]] = []
+    by_id = {row.activity_id.int: row for row in plan.logs}
+    delete_at = {row.activity_id.int: row for row in plan.deletes}
+    # (position, mentor as int, year, step): sorted by position, then grouped by mentor-year.
+    ordered: list[tuple[int, int, int, Step, UUID]] = []
     for activity_id in inserted_counted:
-        log = by_id[activity_id]
-        key = (log.mentor_id, log.year)
-        step = Step(1, activity_id, log.occurred_at, log.timestamp_ms, log.organization_id)
-        ordered.append((log.position, key, step, log.organization_id))
+        log = by_id[activity_id.int]
+        step = Step(1, log.activity_id, log.occurred_at, log.timestamp_ms, log.organization_id)
+        ordered.append((log.position, log.mentor_id.int, log.year, step, log.mentor_id))
     for item in removed:
-        delete = delete_at[item.activity_id]
-        step = Step(-1, item.activity_id, None, delete.timestamp_ms)
-        ordered.append((delete.position, (item.mentor_id, item.year), step, None))
-    ordered.sort(key=lambda entry: entry[0])
-    changes: dict[tuple[UUID, int], YearChange] = {}
-    for _, key, step, organization_id in ordered:
-        change = changes.setdefault(key, YearChange())
+        delete = delete_at[item.activity_id.int]
+        step = Step(-1, delete.activity_id, None, delete.timestamp_ms)
+        ordered.append((delete.position, item.mentor_id.int, item.year, step, item.mentor_id))
+    ordered.sort(key=_position)
+    grouped: dict[tuple[int, int], tuple[UUID, YearChange]] = {}
+    for _, mentor_int, year, step, mentor_id in ordered:
+        entry = grouped.get((mentor_int, year))
+        if entry is None:
+            entry = grouped[(mentor_int, year)] = (mentor_id, YearChange())
+        change = entry[1]
         change.steps.append(step)
-        if organization_id is not None:
-            change.organization_id = organization_id
-        change.newest_timestamp_ms = max(change.newest_timestamp_ms, step.record_timestamp_ms)
-    return dict(sorted(changes.items()))
+        if step.organization_id is not None:
+            change.organization_id = step.organization_id
+        if step.record_timestamp_ms > change.newest_timestamp_ms:
+            change.newest_timestamp_ms = step.record_timestamp_ms
+    return {
+        (grouped[key][0], key[1]): grouped[key][1] for key in sorted(grouped)
+    }
+
+
+def _position(entry: tuple[int, int, int, Step, UUID]) -> int:
+    return entry[0]
 
 
 def thresholds_for(

@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from consumer.domain.calendar import is_late, notify_deadline, session_year, year_end
+from consumer.domain.calendar import is_late, notify_deadline, session_year, year_end, year_of
 
 OSLO = ZoneInfo("Europe/Oslo")
 ONE_US = timedelta(microseconds=1)
@@ -176,3 +178,17 @@ def test_naive_database_clock_raises() -> None:
 def test_deadline_is_utc_aware() -> None:
     deadline = notify_deadline(2025, OSLO, 31)
     assert deadline.tzinfo is UTC
+
+
+@given(
+    instant=st.datetimes(
+        min_value=datetime(1890, 1, 1), max_value=datetime(2210, 12, 31),
+        timezones=st.just(UTC),
+    ),
+    zone=st.sampled_from(["Europe/Oslo", "UTC", "America/St_Johns", "Pacific/Kiritimati",
+                          "Asia/Kathmandu"]),
+)
+def test_fast_year_of_agrees_with_session_year(instant: datetime, zone: str) -> None:
+    tz = ZoneInfo(zone)
+    assert year_of(tz)(instant) == session_year(instant, tz)
+    assert year_of(tz)(instant.astimezone(tz)) == session_year(instant, tz)
