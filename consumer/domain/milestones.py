@@ -63,7 +63,7 @@ def evaluate(
     return decisions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1.3 us more per event
 class Step:
     """One change of a mentor-year's running count, in processing (offset) order.
 
