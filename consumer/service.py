@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
 from consumer.stream.kafka import make_consumer, make_producer
 from consumer.stream.outbox import Publisher
+from consumer.stream.teardown import within
 from consumer.stream.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,58 @@ log = logging.getLogger(__name__)
 BROKER_START_TIMEOUT_S = 15.0
 
 
+# Of MILESTONES_SHUTDOWN_TIMEOUT_S, the share the batch in hand may use; the rest is for
+# leaving the group and closing clients, so that the whole shutdown fits in the timeout.
+BATCH_SHARE_OF_SHUTDOWN = 0.7
+
+
 def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+
+class ShutdownClock:
+    """Counts down ``MILESTONES_SHUTDOWN_TIMEOUT_S`` from the moment ``stop`` is set.
+
+    Every step of the teardown waits at most :meth:`left` (and its own cap), so the sum of the
+    steps cannot exceed the timeout however the broker or the database behaves.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._stopped_at: float | None = None
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stopped_at = time.monotonic()
+
+    def left(self, cap_s: float | None = None) -> float:
+        if self._stopped_at is None:
+            left = self.timeout_s
+        else:
+            left = max(0.0, self._stopped_at + self.timeout_s - time.monotonic())
+        return left if cap_s is None else min(left, cap_s)
+
+
+def arm_exit_watchdog(timeout_s: float) -> None:
+    """Last resort of the ``run`` process: exit 0 when the shutdown overruns its timeout.
+
+    A daemon thread, so that it fires even if the event loop is stuck. Exiting there leaves
+    nothing a restart cannot finish: an uncommitted batch is redone, a sent but unmarked
+    notification is found by the next publisher's read-back.
+    """
+
+    def _exit() -> None:
+        log.warning("shutdown overran %.1f s: exiting now", timeout_s)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(0)
+
+    timer = threading.Timer(max(0.1, timeout_s - 0.25), _exit)
+    timer.daemon = True
+    timer.start()
 
 
 async def open_pool(settings: Settings, *, max_size: int = 4) -> asyncpg.Pool:
@@ -65,8 +116,7 @@ async def start_client(client: Any, settings: Settings) -> None:
             await client.start()
             return
         except KafkaError as error:
-            with contextlib.suppress(Exception):
-                await client.stop()
+            await within(client.stop(), 5.0, "stopping a client that did not start")
             if time.monotonic() > deadline:
                 raise SettingsError(
                     f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
@@ -106,9 +156,14 @@ class DatabaseProbe:
 
 @asynccontextmanager
 async def publisher_running(
-    settings: Settings, metrics: Metrics, faults: FaultInjector, stop: asyncio.Event
+    settings: Settings,
+    metrics: Metrics,
+    faults: FaultInjector,
+    stop: asyncio.Event,
+    clock: ShutdownClock | None = None,
 ) -> AsyncIterator[Publisher]:
-    """A publisher task for the duration of the block, closed cleanly after it."""
+    """A publisher task for the duration of the block, closed after it within the clock."""
+    clock = clock or ShutdownClock(settings.shutdown_timeout_s)
     publisher = Publisher(settings, settings.require_database(), metrics, faults)
     own_stop = asyncio.Event()
     task = asyncio.ensure_future(publisher.run(own_stop))
@@ -117,12 +172,9 @@ async def publisher_running(
     finally:
         own_stop.set()
         publisher.wake()
-        done, _ = await asyncio.wait({task}, timeout=settings.shutdown_timeout_s)
-        if not done:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await publisher.close()
+        # A send in flight may finish and be marked; one cut short is read back next time.
+        await within(task, clock.left(cap_s=5.0), "the publisher's last round")
+        await within(publisher.close(), clock.left(cap_s=5.0), "closing the publisher")
 
 
 async def run_service(
@@ -133,6 +185,19 @@ async def run_service(
     if install_signals:
         install_stop_signals(stop)
     settings.require_kafka()
+    clock = ShutdownClock(settings.shutdown_timeout_s)
+    clock_task = asyncio.ensure_future(clock.watch(stop))
+    if install_signals:
+        clock_task.add_done_callback(
+            lambda task: None if task.cancelled() else arm_exit_watchdog(settings.shutdown_timeout_s)
+        )
+    try:
+        return await _run_service(settings, stop, clock)
+    finally:
+        clock_task.cancel()
+
+
+async def _run_service(settings: Settings, stop: asyncio.Event, clock: ShutdownClock) -> int:
     metrics = Metrics()
     faults = FaultInjector(settings.fault_point, settings.fault_after)
     pool = await open_pool(settings)
@@ -148,16 +213,16 @@ async def run_service(
         try:
             await start_client(consumer, settings)
             try:
-                await _serve(settings, stop, pool, consumer, dlq_producer, metrics, faults)
+                await _serve(settings, stop, clock, pool, consumer, dlq_producer, metrics, faults)
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(consumer.stop(), 10)
+                # Leaves the group, so the partitions move at once instead of after the
+                # session timeout; nothing is committed here.
+                await within(consumer.stop(), clock.left(cap_s=10.0), "leaving the group")
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(dlq_producer.stop(), 10)
+            await within(dlq_producer.stop(), clock.left(cap_s=10.0), "stopping the producer")
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(pool.close(), 5)
+        if not await within(pool.close(), clock.left(cap_s=5.0), "closing the pool"):
+            pool.terminate()
     log.info("stopped")
     return 0
 
@@ -165,6 +230,7 @@ async def run_service(
 async def _serve(
     settings: Settings,
     stop: asyncio.Event,
+    clock: ShutdownClock,
     pool: asyncpg.Pool,
     consumer: Any,
     dlq_producer: Any,
@@ -172,7 +238,7 @@ async def _serve(
     faults: FaultInjector,
 ) -> None:
     probe = DatabaseProbe(pool)
-    async with publisher_running(settings, metrics, faults, stop) as publisher:
+    async with publisher_running(settings, metrics, faults, stop, clock) as publisher:
         engine: Engine | None = None
 
         def on_unavailable(down: bool) -> None:
@@ -220,7 +286,9 @@ async def _serve(
         probe_task = asyncio.ensure_future(probe.run(stop))
         log.info("consuming %s as group %s", ", ".join(settings.input_topics), settings.group_id)
         try:
-            await engine.run(stop, shutdown_timeout_s=settings.shutdown_timeout_s)
+            await engine.run(
+                stop, shutdown_timeout_s=settings.shutdown_timeout_s * BATCH_SHARE_OF_SHUTDOWN
+            )
         finally:
             probe_task.cancel()
             await health.stop()

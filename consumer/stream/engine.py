@@ -2,17 +2,25 @@
 
 One batch, numbered as in :meth:`Engine._handle`:
   1. decode every record; send the rejected ones to the dead-letter topic and await their
-     acknowledgements.            fails: broker away -> retry the batch, nothing committed
+     acknowledgements.            fails: broker away -> retry with backoff (polling, partitions
+                                  paused for the wait only), nothing committed
   2. one Postgres transaction for the batch (preferences, then sessions).
                                   fails: transient -> pause fetching, back off, keep polling;
                                   deadlock -> retry; refused content -> halve until the
                                   offender is alone, dead-letter it, commit the rest
   3. commit the batch's offsets to the consumer group, for partitions still owned.
-                                  fails: rebalance -> skip; the next owner redoes the batch and
-                                  the ledger makes that a no-op
+                                  fails: rebalance, or no answer in 10 s -> skip; the next
+                                  commit or owner redoes the batch and the ledger makes that a
+                                  no-op
   4. wake the outbox publisher (its own task).
 A crash between any two steps repeats the batch after restart; the ledger's unique key makes
 the repeat change nothing.
+
+On revocation the batch in hand gets ``revoke_deadline_s`` (shorter than the rebalance timeout)
+to finish and commit; past it the batch is abandoned: its offsets for the revoked partitions are
+never committed, and an offset commit still waiting (for a coordinator, typically) is cancelled,
+since aiokafka would send it under the next generation. On SIGTERM the batch gets its share of
+``MILESTONES_SHUTDOWN_TIMEOUT_S``, then is cancelled uncommitted.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ class Engine:
         poll_timeout_ms: int,
         max_records: int,
         revoke_deadline_s: float,
+        commit_timeout_s: float = 10.0,
         after_commit: Callable[[int], None] = lambda _: None,
     ) -> None:
         self._consumer = consumer
@@ -77,8 +86,10 @@ class Engine:
         self._poll_timeout_ms = poll_timeout_ms
         self._max_records = max_records
         self._revoke_deadline_s = revoke_deadline_s
+        self._commit_timeout_s = commit_timeout_s
         self._after_commit = after_commit
         self._inflight: asyncio.Task[None] | None = None
+        self._committing: asyncio.Future[None] | None = None
         self._abandon: set[TopicPartition] = set()
         self._carry: Batch = {}
         self._next_offsets: dict[TopicPartition, int] = {}
@@ -92,14 +103,27 @@ class Engine:
 
     # --- rebalance -------------------------------------------------------------------------
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Let the batch in hand finish and commit within the deadline, else abandon it."""
+        """Let the batch in hand finish and commit within the deadline, else abandon it.
+
+        The deadline is shorter than the rebalance timeout, so the group never waits on us
+        longer than that. An abandoned batch may still finish its transaction (the ledger makes
+        that harmless for the new owner), but its offsets for ``revoked`` are never committed.
+        Records fetched meanwhile for revoked partitions are dropped: the next owner reads them
+        from the committed offset.
+        """
         task = self._inflight
         if task is not None and not task.done():
             done, _ = await asyncio.wait({task}, timeout=self._revoke_deadline_s)
             if not done:
-                log.warning("revocation: batch still running; its offsets will not be committed")
+                log.warning("revocation: batch still running after %.1f s; its offsets will not"
+                            " be committed", self._revoke_deadline_s)
                 self._abandon |= revoked
                 self._metrics.inc("milestones_abandoned_batches_total")
+                if self._committing is not None:
+                    self._committing.cancel()
+        for tp in revoked:
+            self._carry.pop(tp, None)
+            self._next_offsets.pop(tp, None)
 
     def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assigned_once = True
@@ -111,13 +135,16 @@ class Engine:
     async def run(self, stop: asyncio.Event, *, shutdown_timeout_s: float,
                   until_caught_up: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_caught_up``, until no lag is left)."""
+        fetch_delay = 0.2
         while not stop.is_set():
             try:
                 batch = await self._fetch()
             except KafkaError as error:
-                log.warning("fetch failed (%s); retrying", error)
-                await asyncio.sleep(1)
+                log.warning("fetch failed (%s); retrying in %.1f s", error, fetch_delay)
+                await _sleep_unless(stop, fetch_delay * random.uniform(0.5, 1.0))
+                fetch_delay = min(fetch_delay * 2, 5.0)
                 continue
+            fetch_delay = 0.2
             if batch:
                 self._inflight = asyncio.ensure_future(self._handle(batch))
                 await self._finish(self._inflight, stop, shutdown_timeout_s)
@@ -137,9 +164,10 @@ class Engine:
                 if not done:
                     log.warning("shutdown: abandoning the batch in hand uncommitted")
                     self._metrics.inc("milestones_abandoned_batches_total")
+                    # Cancelled, and given a moment to unwind, no more: its transaction rolls
+                    # back (or committed already: the ledger makes the redo a no-op).
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await asyncio.wait({task}, timeout=0.5)
                     return
             task.result()
         finally:
@@ -162,17 +190,25 @@ class Engine:
         next batch so that no fetched record is skipped.
         """
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                assignment = self._consumer.assignment()
+                if assignment:
+                    self._consumer.pause(*assignment)
+                try:
+                    extra = await self._consumer.getmany(timeout_ms=max(1, int(left * 1000)))
+                except KafkaError:
+                    await asyncio.sleep(min(left, 0.5))
+                    continue
+                for tp, records in extra.items():
+                    self._carry.setdefault(tp, []).extend(records)
+        finally:
+            # Paused only for the wait: unless the database is away (then set_paused decides),
+            # fetching goes on afterwards. Without this a dead-letter retry, which waits here
+            # too, left every partition paused for good.
             assignment = self._consumer.assignment()
-            if assignment:
-                self._consumer.pause(*assignment)
-            try:
-                extra = await self._consumer.getmany(timeout_ms=max(1, int(left * 1000)))
-            except KafkaError:
-                await asyncio.sleep(min(left, 0.5))
-                continue
-            for tp, records in extra.items():
-                self._carry.setdefault(tp, []).extend(records)
+            if not self.paused and assignment:
+                self._consumer.resume(*assignment)
 
     def set_paused(self, paused: bool) -> None:
         if paused == self.paused:
@@ -286,9 +322,35 @@ class Engine:
         self._abandon.clear()
         if not offsets:
             return
+        # Bounded: aiokafka waits for a coordinator indefinitely while the broker is away. A
+        # skipped commit only means the batch is read again; the next commit covers it.
+        committing = asyncio.ensure_future(
+            asyncio.wait_for(self._consumer.commit(offsets), self._commit_timeout_s)
+        )
+        self._committing = committing
         try:
-            await self._consumer.commit(offsets)
-        except (KafkaError, AssertionError) as error:
-            # A rebalance took the partitions: the next owner repeats the batch harmlessly.
+            await asyncio.wait({committing})
+        except asyncio.CancelledError:
+            committing.cancel()
+            raise
+        finally:
+            self._committing = None
+        if committing.cancelled():
+            # The revocation gave up on this batch while its commit still waited (for a
+            # coordinator, typically): sent now, it would carry the next generation.
+            self._metrics.inc("milestones_offset_commit_failures_total")
+            log.warning("offset commit skipped (batch abandoned at revocation)")
+            return
+        error = committing.exception()
+        if isinstance(error, KafkaError | AssertionError | TimeoutError):
+            # A rebalance took the partitions (or the broker is away): the next owner repeats
+            # the batch harmlessly.
             self._metrics.inc("milestones_offset_commit_failures_total")
             log.warning("offset commit skipped (%s)", type(error).__name__)
+        elif error is not None:
+            raise error
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

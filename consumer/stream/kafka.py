@@ -23,7 +23,7 @@ def make_producer(settings: Settings, *, retry_internally: bool = True) -> AIOKa
         bootstrap_servers=settings.require_kafka(),
         acks="all",
         enable_idempotence=settings.enable_idempotence,
-        request_timeout_ms=15_000,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
         linger_ms=0,
         client_id="milestone-engine",
     )

@@ -3,24 +3,36 @@
 One publisher at a time, across every process of the deployment (``run``, ``sweep``,
 ``replay``): the lease is a session-level advisory lock held on a dedicated connection, and
 every statement that marks rows published runs on that connection, so a publisher that lost
-its connection (and with it the lock) can mark nothing.
+its connection (and with it the lock) can mark nothing. The connection has a client-side
+command timeout: one that went silent fails instead of hanging while it looks like the lease.
 
 A send whose outcome is unknown (an error or a timeout after the request may have reached the
 broker) puts the publisher "in doubt". Before it sends anything else, and whenever it takes the
-lease, it reads the notification topic forward from the last position it recorded to the high
-watermark and marks every pending row found there as published. What remains: a send already in
-flight from a publisher that has been cut off from Postgres can land after the new publisher's
-read-back, and is then emitted twice (the README's "Guarantees" names this window).
+lease, it reads the notification topic forward from the positions recorded in
+``publisher_positions`` to the high watermark and marks every pending row found there as
+published (the metric ``milestones_readback_hits_total`` counts them). The read-back:
+- sets the positions to where it stopped (lower too: a partition that ends before its recorded
+  position was deleted and created again, and is read again from its start);
+- remembers the notifications it found that have no record at all (the database was restored
+  from a backup older than the topic) and holds the positions before them: recorded again by a
+  replay, they are marked published instead of being sent a second time.
+What remains: a send already in flight from a publisher that has been cut off from Postgres can
+land after the new publisher's read-back, and is then emitted twice (docs/guarantees.md).
+
+aiokafka's own re-sends are turned off for this producer (``make_producer``): after a lost
+acknowledgement it would write the batch again by itself, which only a read-back can settle.
 
 One cycle, numbered as in the code:
   1. take or confirm the lease           fails: no lease -> wait, another process publishes
   2. read back if in doubt               fails: broker away -> stay in doubt, retry later
-  3. suppress rows of opted-out mentors, select pending rows (in created_at order)
+  3. suppress rows of opted-out mentors, select pending rows (in created_at order), on the
+     lease connection                    fails: database away -> drop the lease, back off
   4. send them (acks=all), await every acknowledgement
                                          fails: -> in doubt, go to 2 before any other send
   5. mark the acknowledged rows published with their partition and offset, on the lease
      connection                          fails: lost lease -> rows stay pending; the next
                                          lease holder reads back and marks them
+Every wait between attempts is a capped exponential backoff with jitter.
 """
 
 from __future__ import annotations
@@ -29,26 +41,34 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+from pydantic import ValidationError
 
 from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
 from consumer.stream.kafka import make_consumer, make_producer
+from consumer.stream.teardown import within
 from schemas.events import MilestoneReached
 
 log = logging.getLogger(__name__)
 
 PUBLISHER_LOCK_KEY = 0x6D696C6570756221  # "milepub!"
 HEADER = "notification_id"
+LEASE_COMMAND_TIMEOUT_S = 30.0
+READ_BACK_TIMEOUT_S = 60.0
+READ_BACK_CHUNK = 5_000
+
+_T = TypeVar("_T")
 
 _SELECT_PENDING = """
 WITH suppressed AS (
@@ -64,17 +84,25 @@ SELECT n.id, n.user_id, n.organization_id, n.year, n.milestone_value, n.session_
 FROM scenario_notifications n
 WHERE n.status = 'pending' AND n.scenario_type = 'milestone'
   AND n.id NOT IN (SELECT id FROM suppressed)
-ORDER BY n.created_at, n.id
+ORDER BY n.created_at, n.user_id, n.year, n.milestone_value
 LIMIT $1
 """
 
 _MARK_PUBLISHED = """
 UPDATE scenario_notifications n
 SET status = 'published', published_at = now(),
-    published_partition = s.partition, published_offset = s.offset
-FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS s(id, partition, offset)
+    published_partition = s.sent_partition, published_offset = s.sent_offset
+FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS s(id, sent_partition, sent_offset)
 WHERE n.id = s.id AND n.status = 'pending'
 RETURNING n.id
+"""
+
+# The read-back has read each partition to its high watermark: that is where the next one
+# starts, lower than before too (the topic was deleted and created again, or truncated).
+_SET_POSITIONS = """
+INSERT INTO publisher_positions AS p (topic, partition, next_offset)
+SELECT $1, * FROM unnest($2::int[], $3::bigint[])
+ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset
 """
 
 _ADVANCE_POSITIONS = """
@@ -134,6 +162,11 @@ class Publisher:
         self._reader: AIOKafkaConsumer | None = None
         self._leader = False
         self._in_doubt = True
+        self._unsendable: set[UUID] = set()
+        # Notifications found on the topic by the last read-back that have no record at all:
+        # the database is behind the topic (restored from a backup). Recorded again later (by
+        # a replay), they are marked published from here instead of being sent a second time.
+        self._on_topic_unrecorded: dict[UUID, tuple[int, int]] = {}
         self.published = 0
 
     def wake(self) -> None:
@@ -144,39 +177,48 @@ class Publisher:
         return self._leader
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
+        """Publish until ``stop``; every failure is waited out, none ends the task.
+
+        The store's errors and the broker's are told apart at their edges (:meth:`_db` maps
+        asyncpg's, aiokafka raises its own), because they call for different repairs: a lost
+        database connection has lost the lease with it, while a broker error leaves the
+        outcome of the sends in hand unknown.
+        """
+        backoff = _Backoff(self._settings.retry_backoff_max_s)
         while not stop.is_set():
             try:
                 if not await self._hold_lease():
                     await self._idle(stop, self._idle_interval_s)
                     continue
                 if self._in_doubt:
-                    await self._read_back()
+                    await self._read_back(stop)
                 sent = await self._publish_some()
-                backoff = 0.2
+                backoff.reset()
                 if sent < self._settings.publisher_batch_max:
                     await self._idle(stop, self._idle_interval_s)
             except (TimeoutError, KafkaError) as error:
                 self._in_doubt = True
-                log.warning("publisher: broker trouble (%s); will read back before sending", error)
-                await self._idle(stop, backoff)
-                backoff = min(backoff * 2, self._settings.retry_backoff_max_s)
+                log.warning("publisher: broker trouble (%s: %s); will read back before sending",
+                            type(error).__name__, error)
+                await self._idle(stop, backoff.next())
             except Exception as error:
-                mapped = classify(error)
-                if not isinstance(mapped, StoreUnavailable):
-                    raise
-                log.warning("publisher: database unreachable (%s); lease dropped", mapped)
+                mapped = classify(error)  # StoreError passes through; asyncpg's are mapped
+                if isinstance(mapped, StoreUnavailable):
+                    log.warning("publisher: database unreachable (%s); lease dropped", mapped)
+                else:
+                    # A bug must not end the task silently while the consume loop runs on:
+                    # say it loudly, start again from a clean lease, and keep trying.
+                    log.exception("publisher: unexpected error; lease dropped")
                 await self._drop_lease()
-                await self._idle(stop, backoff)
-                backoff = min(backoff * 2, self._settings.retry_backoff_max_s)
+                await self._idle(stop, backoff.next())
 
     async def close(self) -> None:
         await self._drop_lease()
-        for client in (self._producer, self._reader):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.stop(), 5)
-        self._producer = self._reader = None
+        producer, reader, self._producer, self._reader = self._producer, self._reader, None, None
+        if producer is not None:
+            await within(producer.stop(), 5.0, "stopping the publisher's producer")
+        if reader is not None:
+            await within(reader.stop(), 5.0, "stopping the publisher's reader")
 
     async def _idle(self, stop: asyncio.Event, seconds: float) -> None:
         waiters = {asyncio.ensure_future(self._wakeup.wait()), asyncio.ensure_future(stop.wait())}
@@ -188,14 +230,32 @@ class Publisher:
         self._wakeup.clear()
 
     # 1. the lease
+    async def _db(self, call: Awaitable[_T]) -> _T:
+        """Await a call on the lease connection, mapping its failures to the store's family."""
+        try:
+            return await call
+        except Exception as error:
+            mapped = classify(error)
+            if mapped is None:
+                raise
+            raise mapped from error
+
     async def _hold_lease(self) -> bool:
         if self._connection is None or self._connection.is_closed():
             self._leader = False
-            self._connection = await asyncpg.connect(self._dsn, timeout=5)
-            await self._connection.execute("SET statement_timeout = '30s'")
+            self._connection = None
+            # command_timeout: a connection that went silent (no reset) must fail, not hang
+            # while it still looks like the lease.
+            connection = await self._db(
+                asyncpg.connect(self._dsn, timeout=5, command_timeout=LEASE_COMMAND_TIMEOUT_S)
+            )
+            self._connection = connection
+            await self._db(connection.execute("SET statement_timeout = '30s'"))
         if self._leader:
             return True
-        took = await self._connection.fetchval("SELECT pg_try_advisory_lock($1)", PUBLISHER_LOCK_KEY)
+        took = await self._db(
+            self._connection.fetchval("SELECT pg_try_advisory_lock($1)", PUBLISHER_LOCK_KEY)
+        )
         if took:
             log.info("publisher: lease taken; reading the topic back before sending")
             self._leader = True
@@ -217,44 +277,104 @@ class Publisher:
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
             producer = make_producer(self._settings, retry_internally=False)
-            await producer.start()
+            await _start_or_stop(producer)
             self._producer = producer
         return self._producer
 
     # 2. read back
-    async def _read_back(self) -> None:
-        """Mark as published every pending row already on the topic past our last position."""
-        assert self._connection is not None
+    async def _read_back(self, stop: asyncio.Event) -> None:
+        """Mark as published every pending row already on the topic past our last position.
+
+        Reads to the high watermark of every partition, marking in chunks so that memory does
+        not grow with the length of the topic (the first lease on a database without positions
+        reads it all). Raises ``KafkaTimeoutError`` if the broker does not let it get there.
+        """
+        connection = self._connection
+        assert connection is not None
         if self._reader is None:
             reader = make_consumer(self._settings, group_id=None)
-            await reader.start()
+            await _start_or_stop(reader)
             self._reader = reader
         reader = self._reader
         partitions = await _partitions(reader, self._topic)
         stored = {
             row["partition"]: row["next_offset"]
-            for row in await self._connection.fetch(
+            for row in await self._db(connection.fetch(
                 "SELECT partition, next_offset FROM publisher_positions WHERE topic = $1",
                 self._topic,
-            )
+            ))
         }
         tps = [TopicPartition(self._topic, p) for p in partitions]
         reader.assign(tps)
+        deadline = time.monotonic() + READ_BACK_TIMEOUT_S
+        unrecorded: dict[UUID, tuple[int, int]] = {}
+        hits, ends = await self._scan(reader, tps, stored, stop, deadline, unrecorded)
+        shrunk = {p: end for p, end in ends.items() if stored.get(p, 0) > end}
+        if shrunk:
+            # Ends before our position: the topic was deleted and created again (or truncated).
+            # The records of the new topic are all below the old position: read it from 0.
+            for partition, end in shrunk.items():
+                log.warning(
+                    "publisher: %s[%d] ends at %d, before the recorded position %d: the topic"
+                    " was deleted or truncated; reading it from its start", self._topic,
+                    partition, end, stored[partition],
+                )
+            again = [tp for tp in tps if tp.partition in shrunk]
+            reader.assign(again)
+            more, new_ends = await self._scan(reader, again, {}, stop, deadline, unrecorded)
+            hits += more
+            ends.update(new_ends)
+        self._on_topic_unrecorded = unrecorded
+        if unrecorded:
+            # Hold each position at the first such record, so that the next lease holder (a
+            # restart) finds them again; until then they are known from memory.
+            for partition, offset in unrecorded.values():
+                ends[partition] = min(ends.get(partition, offset), offset)
+            log.warning(
+                "publisher: %d notification(s) on %s have no record in the database (restored"
+                " from a backup?); if recorded again they will be marked published, not sent",
+                len(unrecorded), self._topic,
+            )
+        if ends:
+            await self._db(connection.execute(
+                _SET_POSITIONS, self._topic, list(ends), list(ends.values())
+            ))
+        if hits:
+            log.warning("publisher: read-back found %d pending notification(s) already sent", hits)
+            self._metrics.inc("milestones_readback_hits_total", hits)
+        self._in_doubt = False
+
+    async def _scan(
+        self,
+        reader: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+        starts: dict[int, int],
+        stop: asyncio.Event,
+        deadline: float,
+        unrecorded: dict[UUID, tuple[int, int]],
+    ) -> tuple[int, dict[int, int]]:
+        """Read ``tps`` from ``starts`` (the beginning where absent) to their high watermarks,
+        marking what is found; return the rows marked and the watermarks reached."""
+        connection = self._connection
+        assert connection is not None
         for tp in tps:
-            if tp.partition in stored:
-                reader.seek(tp, stored[tp.partition])
+            if tp.partition in starts:
+                reader.seek(tp, starts[tp.partition])
             else:
                 await reader.seek_to_beginning(tp)
         found: dict[UUID, tuple[int, int]] = {}
-        deadline = time.monotonic() + 60
+        hits = 0
         ends: dict[int, int] = {}
         while True:
-            batch = await reader.getmany(timeout_ms=200, max_records=5_000)
+            batch = await reader.getmany(*tps, timeout_ms=200, max_records=READ_BACK_CHUNK)
             for tp, records in batch.items():
                 for record in records:
                     nid = notification_id_of(record.headers, record.value)
                     if nid is not None:
                         found[nid] = (tp.partition, record.offset)
+            if len(found) >= READ_BACK_CHUNK:
+                hits += await self._mark_found(connection, found, unrecorded)
+                found = {}
             caught_up = True
             for tp in tps:
                 high = reader.highwater(tp)
@@ -264,51 +384,79 @@ class Publisher:
                     ends[tp.partition] = high
             if caught_up:
                 break
+            if stop.is_set():
+                raise KafkaTimeoutError("read-back interrupted by shutdown")
             if time.monotonic() > deadline:
-                raise TimeoutError("read-back did not reach the high watermark in 60 s")
-        hits = 0
-        if found:
-            ids = list(found)
-            rows = await self._connection.fetch(
-                _MARK_PUBLISHED,
-                ids,
-                [found[i][0] for i in ids],
-                [found[i][1] for i in ids],
-            )
-            hits = len(rows)
-        if ends:
-            await self._connection.execute(
-                _ADVANCE_POSITIONS, self._topic, list(ends), list(ends.values())
-            )
-        if hits:
-            log.warning("publisher: read-back found %d pending notification(s) already sent", hits)
-            self._metrics.inc("milestones_readback_hits_total", hits)
-        self._in_doubt = False
+                raise KafkaTimeoutError(
+                    f"read-back did not reach the high watermark in {READ_BACK_TIMEOUT_S:g} s"
+                )
+        hits += await self._mark_found(connection, found, unrecorded)
+        return hits, ends
+
+    async def _mark_found(
+        self,
+        connection: asyncpg.Connection,
+        found: dict[UUID, tuple[int, int]],
+        unrecorded: dict[UUID, tuple[int, int]],
+    ) -> int:
+        """Mark the pending rows among ``found``; add the ids without a row to ``unrecorded``."""
+        if not found:
+            return 0
+        ids = list(found)
+        rows = await self._db(connection.fetch(
+            _MARK_PUBLISHED, ids, [found[i][0] for i in ids], [found[i][1] for i in ids]
+        ))
+        recorded = await self._db(connection.fetch(
+            "SELECT id FROM scenario_notifications WHERE id = ANY($1::uuid[])", ids
+        ))
+        known = {row["id"] for row in recorded}
+        unrecorded.update((nid, where) for nid, where in found.items() if nid not in known)
+        return len(rows)
 
     # 3-5. one round of sends
     async def _publish_some(self) -> int:
-        assert self._connection is not None
-        rows = await self._connection.fetch(_SELECT_PENDING, self._settings.publisher_batch_max)
+        connection = self._connection
+        assert connection is not None
+        # On the lease connection: a row list read here proves the lease was still held.
+        rows = await self._db(connection.fetch(_SELECT_PENDING, self._settings.publisher_batch_max))
         if rows and rows[0]["suppressed"]:
             self._metrics.inc("milestones_suppressed_at_publish_total", rows[0]["suppressed"])
         if not rows:
             return 0
-        producer = await self._ensure_producer()
-        futures = []
+        sendable = []
         for row in rows:
-            message = message_for(row)
-            futures.append(
-                await producer.send(
-                    self._topic,
-                    value=message.model_dump_json().encode(),
-                    key=str(row["user_id"]).encode(),
-                    headers=[(HEADER, str(row["id"]).encode())],
+            try:
+                sendable.append((row, message_for(row)))
+            except ValidationError as error:
+                # A row inserted by hand without a required column: skip it, keep the rest.
+                if row["id"] not in self._unsendable:
+                    self._unsendable.add(row["id"])
+                    log.error("publisher: pending row %s cannot be sent (%s)", row["id"],
+                              " ".join(str(error).split()))
+        if self._on_topic_unrecorded:
+            sendable = await self._mark_seen(connection, sendable)
+        rows = [row for row, _ in sendable]
+        if not rows:
+            return 0
+        producer = await self._ensure_producer()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for row, message in sendable:
+                futures.append(
+                    await producer.send(
+                        self._topic,
+                        value=message.model_dump_json().encode(),
+                        key=str(row["user_id"]).encode(),
+                        headers=[(HEADER, str(row["id"]).encode())],
+                    )
                 )
-            )
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            # Whatever happened to the later sends, the earlier ones are in flight: wait for
+            # them (each ends within the request timeout) so no send outlives this round.
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
         acked: list[tuple[UUID, Any]] = []
         failed = 0
-        for row, outcome in zip(rows, outcomes, strict=True):
+        for row, outcome in zip(rows, outcomes, strict=False):
             if isinstance(outcome, BaseException):
                 failed += 1
             else:
@@ -319,24 +467,60 @@ class Publisher:
         if not acked:
             return 0
         self._faults.reached("after_send_ack")
-        async with self._connection.transaction():
-            await self._connection.fetch(
+        await self._db(self._mark_sent(connection, acked))
+        self._faults.reached("after_mark_published")
+        self._metrics.inc("milestones_published_total", len(acked))
+        self.published += len(acked)
+        return len(rows)
+
+    async def _mark_seen(
+        self, connection: asyncpg.Connection, sendable: list[tuple[asyncpg.Record, Any]]
+    ) -> list[tuple[asyncpg.Record, Any]]:
+        """Mark published the rows the read-back saw on the topic before they were recorded;
+        return the others, to be sent."""
+        seen = {row["id"]: self._on_topic_unrecorded[row["id"]] for row, _ in sendable
+                if row["id"] in self._on_topic_unrecorded}
+        if not seen:
+            return sendable
+        ids = list(seen)
+        rows = await self._db(connection.fetch(
+            _MARK_PUBLISHED, ids, [seen[i][0] for i in ids], [seen[i][1] for i in ids]
+        ))
+        for nid in ids:
+            del self._on_topic_unrecorded[nid]
+        if rows:
+            log.warning("publisher: %d notification(s) recorded again were already on the topic;"
+                        " marked published, not sent", len(rows))
+            self._metrics.inc("milestones_readback_hits_total", len(rows))
+        return [(row, message) for row, message in sendable if row["id"] not in seen]
+
+    async def _mark_sent(self, connection: asyncpg.Connection, acked: list[tuple[UUID, Any]]) -> None:
+        """Step 5, one transaction on the lease connection: a lost lease marks nothing."""
+        async with connection.transaction():
+            await connection.fetch(
                 _MARK_PUBLISHED,
                 [nid for nid, _ in acked],
                 [meta.partition for _, meta in acked],
                 [meta.offset for _, meta in acked],
             )
-            if not self._in_doubt:
+            # Positions stay where the read-back put them while records are in doubt or while
+            # some notifications on the topic still wait for their record.
+            if not self._in_doubt and not self._on_topic_unrecorded:
                 ends: dict[int, int] = {}
                 for _, meta in acked:
                     ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-                await self._connection.execute(
+                await connection.execute(
                     _ADVANCE_POSITIONS, self._topic, list(ends), list(ends.values())
                 )
-        self._faults.reached("after_mark_published")
-        self._metrics.inc("milestones_published_total", len(acked))
-        self.published += len(acked)
-        return len(rows)
+
+
+async def _start_or_stop(client: Any) -> None:
+    """Start an aiokafka client; one that fails to start is stopped, not leaked."""
+    try:
+        await client.start()
+    except BaseException:
+        await within(client.stop(), 5.0, "stopping a client that did not start")
+        raise
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
@@ -347,5 +531,22 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
         if found:
             return sorted(found)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic} not found")
+            raise KafkaTimeoutError(f"topic {topic} not found")
         await asyncio.sleep(0.5)
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter: 0.2 s doubling to ``cap_s``, each drawn in [½, 1]."""
+
+    def __init__(self, cap_s: float, first_s: float = 0.2) -> None:
+        self._cap_s = cap_s
+        self._first_s = first_s
+        self._delay_s = first_s
+
+    def reset(self) -> None:
+        self._delay_s = self._first_s
+
+    def next(self) -> float:
+        delay = self._delay_s * random.uniform(0.5, 1.0)
+        self._delay_s = min(self._delay_s * 2, self._cap_s)
+        return delay

@@ -19,10 +19,15 @@ from consumer.domain.batch import Envelope, plan_batch
 from consumer.ops.metrics import Metrics
 from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
 from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
+from consumer.store.retention import read_closed_through_year
 
 log = logging.getLogger(__name__)
 
 Wait = Callable[[float], Awaitable[None]]
+
+# How often the closed-years watermark (``milestones prune``) is read again; the database's
+# guard trigger covers the seconds in between.
+CLOSED_YEARS_REFRESH_S = 30.0
 
 
 @dataclass(slots=True)
@@ -59,9 +64,11 @@ class BatchWriter:
         self._wait: Wait = wait or asyncio.sleep
         self._on_unavailable = on_unavailable or (lambda _: None)
         self.closed_through_year: int | None = None
+        self._closed_read_at = float("-inf")
 
     async def write(self, envelopes: Sequence[Envelope]) -> WriteOutcome:
         """Write the batch; return only once it is committed (or its offenders isolated)."""
+        await self._refresh_closed_years()
         outcome = WriteOutcome()
         await self._write(list(envelopes), outcome)
         return outcome
@@ -80,6 +87,21 @@ class BatchWriter:
             middle = len(envelopes) // 2
             await self._write(envelopes[:middle], outcome)
             await self._write(envelopes[middle:], outcome)
+
+    async def _refresh_closed_years(self) -> None:
+        """Read the watermark at the first batch and every 30 s; keep the old one on failure.
+
+        Best effort and bounded (2 s): during an outage the batch meets the error itself.
+        """
+        if time.monotonic() - self._closed_read_at < CLOSED_YEARS_REFRESH_S:
+            return
+        self._closed_read_at = time.monotonic()
+        try:
+            self.closed_through_year = await asyncio.wait_for(
+                read_closed_through_year(self._pool), 2.0
+            )
+        except Exception as error:
+            log.debug("could not read the closed-years watermark: %s", error)
 
     async def _commit_with_retries(self, envelopes: list[Envelope]) -> BatchResult:
         plan = plan_batch(
@@ -116,12 +138,15 @@ class BatchWriter:
                 continue
             self._on_unavailable(False)
             self._metrics.set("milestones_last_batch_seconds", time.perf_counter() - started)
-            self._record_metrics(plan.duplicates, result)
+            self._record_metrics(plan.duplicates, result, plan.closed_year)
             return result
 
-    def _record_metrics(self, in_batch_duplicates: int, result: BatchResult) -> None:
+    def _record_metrics(
+        self, in_batch_duplicates: int, result: BatchResult, closed_year: int = 0
+    ) -> None:
         metrics = self._metrics
         metrics.inc("milestones_batches_total")
+        metrics.inc("milestones_events_total", closed_year, outcome="closed_year")
         metrics.inc("milestones_events_total", result.new_sessions, outcome="counted")
         metrics.inc("milestones_events_total", result.removed_sessions, outcome="removed")
         metrics.inc("milestones_events_total", result.conflicts, outcome="conflict")
