@@ -123,7 +123,11 @@ def engine_env(broker: str, database_url: str, topics: Topics) -> dict[str, str]
             "MILESTONES_KAFKA_BOOTSTRAP_SERVERS": broker,
             "MILESTONES_DATABASE_URL": database_url,
             "MILESTONES_GROUP_ID": f"ms-test-{secrets.token_hex(4)}",
-            "MILESTONES_KAFKA_SESSION_TIMEOUT_MS": "2000",
+            # Tansu accepts a short session (a join waits about half of it); a real Kafka
+            # refuses anything under its group.min.session.timeout.ms (6 s by default).
+            "MILESTONES_KAFKA_SESSION_TIMEOUT_MS": (
+                "6000" if os.environ.get("MILESTONES_TEST_KAFKA_BOOTSTRAP_SERVERS") else "2000"
+            ),
             "MILESTONES_METRICS_PORT": str(free_port()),
             "MILESTONES_SHUTDOWN_TIMEOUT_S": "5",
             "PYTHONUNBUFFERED": "1",

@@ -33,3 +33,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
     # aiokafka logs every reconnect attempt at ERROR; the engine reports outages itself.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # asyncpg's pool logs a traceback every second while Postgres is away; the engine already
+    # says so once per retry, without the traceback.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
