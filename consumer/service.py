@@ -201,12 +201,15 @@ async def _run_service(settings: Settings, stop: asyncio.Event, clock: ShutdownC
     metrics = Metrics()
     faults = FaultInjector(settings.fault_point, settings.fault_after)
     pool = await open_pool(settings)
+    drift_check: asyncio.Future[None] | None = None
     try:
         async with pool.acquire() as connection:
             applied = await ensure_schema(connection)
         if applied:
             log.info("applied %d migration(s) at start", len(applied))
-        await report_summary_drift(pool, settings)
+        # In the background: without an index on (mentor, year) the recount is a scan of the
+        # ledger, and consuming should not wait for a check that only writes a log line.
+        drift_check = asyncio.ensure_future(report_summary_drift(pool, settings))
         consumer = make_consumer(settings, group_id=settings.group_id)
         dlq_producer = make_producer(settings)
         await start_client(dlq_producer, settings)
@@ -221,6 +224,8 @@ async def _run_service(settings: Settings, stop: asyncio.Event, clock: ShutdownC
         finally:
             await within(dlq_producer.stop(), clock.left(cap_s=10.0), "stopping the producer")
     finally:
+        if drift_check is not None:
+            drift_check.cancel()
         if not await within(pool.close(), clock.left(cap_s=5.0), "closing the pool"):
             pool.terminate()
     log.info("stopped")
