@@ -99,7 +99,8 @@ async def open_pool(settings: Settings, *, max_size: int = 4) -> asyncpg.Pool:
         return await connect_pool(
             settings.require_database(),
             timeout_s=settings.database_connect_timeout_s,
-            max_size=max_size,
+            # One connection per write lane, plus the probe's and a spare.
+            max_size=max(max_size, settings.batch_lanes + 2),
         )
     except StoreUnavailable as error:
         raise SettingsError(
@@ -263,6 +264,7 @@ async def _serve(
             backoff_max_s=settings.retry_backoff_max_s,
             wait=wait,
             on_unavailable=on_unavailable,
+            lanes=settings.batch_lanes,
         )
         engine = Engine(
             consumer,

@@ -368,6 +368,7 @@ async def replay_command(
                     counted_types=settings.counted_activity_types,
                     conflict_retries=settings.transaction_retries,
                     backoff_max_s=settings.retry_backoff_max_s,
+                    lanes=settings.batch_lanes,
                 )
                 phases: tuple[tuple[str, tuple[type[Event], ...]], ...] = (
                     (settings.preferences_topic, PREFERENCE_EVENTS),

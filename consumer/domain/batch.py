@@ -225,6 +225,31 @@ def _position(entry: tuple[int, int, int, Step, UUID]) -> int:
     return entry[0]
 
 
+def split_lanes(envelopes: Sequence[Envelope], lanes: int) -> list[list[Envelope]]:
+    """Cut a batch into at most ``lanes`` sub-batches that may be written concurrently.
+
+    Each partition goes whole to one lane, so offset order within a partition (which decides
+    "first log wins" and the crossing session) is kept inside its lane; partitions are dealt
+    largest first to the least loaded lane. The order of partitions relative to each other is
+    not defined by Kafka either. Lanes keep the batch's order and positions.
+    """
+    by_partition: dict[tuple[str, int], list[Envelope]] = {}
+    for envelope in envelopes:
+        by_partition.setdefault((envelope.topic, envelope.partition), []).append(envelope)
+    if lanes <= 1 or len(by_partition) <= 1:
+        return [list(envelopes)] if envelopes else []
+    loads = [0] * lanes
+    lane_of: dict[tuple[str, int], int] = {}
+    for key, members in sorted(by_partition.items(), key=lambda item: -len(item[1])):
+        lane = loads.index(min(loads))
+        lane_of[key] = lane
+        loads[lane] += len(members)
+    result: list[list[Envelope]] = [[] for _ in range(lanes)]
+    for envelope in envelopes:
+        result[lane_of[(envelope.topic, envelope.partition)]].append(envelope)
+    return [lane for lane in result if lane]
+
+
 def thresholds_for(
     organization_id: UUID | None,
     overrides: Mapping[UUID, tuple[int, ...]],

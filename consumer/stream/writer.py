@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from consumer.domain.batch import Envelope, plan_batch
+from consumer.domain.batch import Envelope, plan_batch, split_lanes
 from consumer.ops.metrics import Metrics
 from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
 from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
 from consumer.store.retention import read_closed_through_year
+from schemas.events import PreferencesChanged
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class BatchWriter:
         backoff_max_s: float = 5.0,
         wait: Wait | None = None,
         on_unavailable: Callable[[bool], None] | None = None,
+        lanes: int = 1,
     ) -> None:
         self._pool = pool
         self._options = options
@@ -63,14 +65,33 @@ class BatchWriter:
         self._backoff_max_s = backoff_max_s
         self._wait: Wait = wait or asyncio.sleep
         self._on_unavailable = on_unavailable or (lambda _: None)
+        self._lanes = lanes
+        # Lanes back off at the same time during an outage; one waits (and polls) at a time.
+        self._wait_lock = asyncio.Lock()
         self.closed_through_year: int | None = None
         self._closed_read_at = float("-inf")
 
     async def write(self, envelopes: Sequence[Envelope]) -> WriteOutcome:
-        """Write the batch; return only once it is committed (or its offenders isolated)."""
+        """Write the batch; return only once it is committed (or its offenders isolated).
+
+        With one lane the batch is one transaction. With more, the batch's preference changes
+        are committed first (they apply before its activities), then its partitions are
+        written in concurrent transactions, one per lane, on separate connections: a single
+        transaction stream keeps one Postgres backend busy and leaves the other core idle.
+        """
         await self._refresh_closed_years()
         outcome = WriteOutcome()
-        await self._write(list(envelopes), outcome)
+        if self._lanes <= 1:
+            await self._write(list(envelopes), outcome)
+            return outcome
+        preferences = [e for e in envelopes if isinstance(e.event, PreferencesChanged)]
+        activities = [e for e in envelopes if not isinstance(e.event, PreferencesChanged)]
+        await self._write(preferences, outcome)
+        lanes = split_lanes(activities, self._lanes)
+        if len(lanes) == 1:
+            await self._write(lanes[0], outcome)
+        elif lanes:
+            await asyncio.gather(*(self._write(lane, outcome) for lane in lanes))
         return outcome
 
     async def _write(self, envelopes: list[Envelope], outcome: WriteOutcome) -> None:
@@ -132,7 +153,8 @@ class BatchWriter:
                 self._metrics.inc("milestones_batch_retries_total", cause="unavailable")
                 self._on_unavailable(True)
                 log.warning("database unavailable (%s); retrying in %.1f s", mapped, delay)
-                await self._wait(delay * random.uniform(0.5, 1.0))
+                async with self._wait_lock:
+                    await self._wait(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self._backoff_max_s)
                 conflicts = 0
                 continue

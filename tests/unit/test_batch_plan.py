@@ -448,3 +448,26 @@ def test_thresholds_for(
     expected: tuple[int, ...],
 ) -> None:
     assert thresholds_for(organization_id, overrides, DEFAULT) == expected
+
+
+def test_split_lanes_keeps_each_partition_whole_and_in_order() -> None:
+    from consumer.domain.batch import split_lanes
+
+    def envelope(partition: int, position: int) -> Envelope:
+        event = PreferencesChanged(
+            event_type="preferences.changed", schema_version=1, event_id=uuid.uuid4(),
+            mentor_id=uuid.uuid4(), milestone_notifications=True,
+            changed_at=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+        return Envelope(event, position, "t", partition, position, 0)
+
+    batch = [envelope(p, i) for i, p in enumerate([0, 1, 0, 2, 2, 2, 1, 3])]
+    lanes = split_lanes(batch, 2)
+    assert len(lanes) == 2
+    assert sorted(e.position for lane in lanes for e in lane) == list(range(8))
+    for lane in lanes:
+        assert [e.position for e in lane] == sorted(e.position for e in lane)
+    partitions_per_lane = [{e.partition for e in lane} for lane in lanes]
+    assert not partitions_per_lane[0] & partitions_per_lane[1]
+    assert split_lanes(batch, 1) == [batch]
+    assert split_lanes([], 2) == []
