@@ -4,7 +4,9 @@ One batch, numbered as in :meth:`Engine._handle`:
   1. decode every record; send the rejected ones to the dead-letter topic and await their
      acknowledgements.            fails: broker away -> retry with backoff (polling, partitions
                                   paused for the wait only), nothing committed
-  2. one Postgres transaction for the batch (preferences, then sessions).
+  2. the batch's Postgres transactions: its preference changes, then one transaction per
+     write lane (each partition whole in one lane; ``MILESTONES_BATCH_LANES=1`` makes the
+     batch a single transaction of preferences then sessions). Step 3 waits for all of them.
                                   fails: transient -> pause fetching, back off, keep polling;
                                   deadlock -> retry; refused content -> halve until the
                                   offender is alone, dead-letter it, commit the rest
