@@ -33,6 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -48,6 +49,17 @@ from consumer.stream.writer import BatchWriter
 log = logging.getLogger(__name__)
 
 Batch = dict[TopicPartition, list[Any]]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A fetched batch, decoded: step 1 done, possibly while the previous batch was in step 2."""
+
+    batch: Batch
+    records: list[RawRecord]
+    envelopes: list[Envelope]
+    rejected: list[Rejected]
+    generation: int
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -94,6 +106,7 @@ class Engine:
         self._committing: asyncio.Future[None] | None = None
         self._abandon: set[TopicPartition] = set()
         self._carry: Batch = {}
+        self._generation = 0  # revocations so far
         self._next_offsets: dict[TopicPartition, int] = {}
         self.assigned_once = False
         self.paused = False
@@ -126,6 +139,8 @@ class Engine:
         for tp in revoked:
             self._carry.pop(tp, None)
             self._next_offsets.pop(tp, None)
+        if revoked:
+            self._generation += 1  # a batch fetched before now is filtered before it is handled
 
     def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assigned_once = True
@@ -136,23 +151,78 @@ class Engine:
     # --- the loop --------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, *, shutdown_timeout_s: float,
                   until_caught_up: bool = False) -> None:
-        """Consume until ``stop`` is set (or, with ``until_caught_up``, until no lag is left)."""
+        """Consume until ``stop`` is set (or, with ``until_caught_up``, until no lag is left).
+
+        While a batch is in its transaction, the next one is fetched and decoded (step 1 of
+        the next batch overlaps step 2 of this one: the engine's CPU and the database's work
+        in parallel). Its dead letters, transaction and commit still wait for this batch's
+        commit, so the commit order is unchanged.
+        """
         fetch_delay = 0.2
-        while not stop.is_set():
-            try:
-                batch = await self._fetch()
-            except KafkaError as error:
-                log.warning("fetch failed (%s); retrying in %.1f s", error, fetch_delay)
-                await _sleep_unless(stop, fetch_delay * random.uniform(0.5, 1.0))
-                fetch_delay = min(fetch_delay * 2, 5.0)
-                continue
-            fetch_delay = 0.2
-            if batch:
-                self._inflight = asyncio.ensure_future(self._handle(batch))
-                await self._finish(self._inflight, stop, shutdown_timeout_s)
-                self._inflight = None
-            if until_caught_up and not batch and await self.caught_up():
-                return
+        upcoming: asyncio.Task[Prepared] | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    prepared = await (upcoming or asyncio.ensure_future(self._prepare()))
+                except KafkaError as error:
+                    upcoming = None
+                    log.warning("fetch failed (%s); retrying in %.1f s", error, fetch_delay)
+                    await _sleep_unless(stop, fetch_delay * random.uniform(0.5, 1.0))
+                    fetch_delay = min(fetch_delay * 2, 5.0)
+                    continue
+                upcoming = None
+                fetch_delay = 0.2
+                if prepared.generation != self._generation:
+                    prepared = self._refresh(prepared)  # a rebalance came in between
+                if prepared.batch:
+                    self._inflight = asyncio.ensure_future(self._handle(prepared))
+                    if not until_caught_up:
+                        upcoming = asyncio.ensure_future(self._prepare(overlapping=True))
+                    await self._finish(self._inflight, stop, shutdown_timeout_s)
+                    self._inflight = None
+                if until_caught_up and not prepared.batch and await self.caught_up():
+                    return
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
+                with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                    await upcoming
+
+    async def _prepare(self, *, overlapping: bool = False) -> Prepared:
+        """Step 1 for the next batch: fetch, order (preferences first) and decode."""
+        if overlapping:
+            # Let the batch in hand get its first statement to the database before this
+            # decoding takes the event loop; otherwise it would precede, not overlap, it.
+            for _ in range(3):
+                await asyncio.sleep(0)
+        batch = await self._fetch()
+        return self._decoded(batch, self._generation)
+
+    def _decoded(self, batch: Batch, generation: int) -> Prepared:
+        records: list[RawRecord] = []
+        for tp in sorted(batch, key=lambda tp: (tp.topic != self._preference_topic(), tp)):
+            records.extend(batch[tp])
+        envelopes, rejected = self._decode(records)
+        return Prepared(batch, records, envelopes, rejected, generation)
+
+    def _refresh(self, prepared: Prepared) -> Prepared:
+        """A batch fetched before a revocation: keep only the partitions still ours.
+
+        The next owner reads the others from the committed offset. ``records`` stays whole:
+        envelope positions index into it.
+        """
+        owned = self._consumer.assignment()
+
+        def ours(topic: str, partition: int) -> bool:
+            return TopicPartition(topic, partition) in owned
+
+        return Prepared(
+            {tp: records for tp, records in prepared.batch.items() if tp in owned},
+            prepared.records,
+            [e for e in prepared.envelopes if ours(e.topic, e.partition)],
+            [r for r in prepared.rejected if ours(r.record.topic, r.record.partition)],
+            self._generation,
+        )
 
     async def _finish(
         self, task: asyncio.Task[None], stop: asyncio.Event, shutdown_timeout_s: float
@@ -250,12 +320,11 @@ class Engine:
                 )
 
     # --- one batch -------------------------------------------------------------------------
-    async def _handle(self, batch: Batch) -> None:
-        records: list[RawRecord] = []
-        for tp in sorted(batch, key=lambda tp: (tp.topic != self._preference_topic(), tp)):
-            records.extend(batch[tp])
-        # 1. decode; dead-letter the rejected, acknowledged before anything is committed
-        envelopes, rejected = self._decode(records)
+    async def _handle(self, prepared: Prepared) -> None:
+        batch, records, envelopes, rejected = (
+            prepared.batch, prepared.records, prepared.envelopes, prepared.rejected
+        )
+        # 1. decoded in _prepare; dead-letter the rejected, acknowledged before any commit
         await self._dead_letter(rejected)
         # 2. one transaction (or, if the database refuses a value, several)
         outcome = await self._writer.write(envelopes)
