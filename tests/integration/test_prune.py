@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -19,7 +18,6 @@ from consumer.settings import SettingsError
 from consumer.stream.writer import BatchWriter
 from tests.integration.operations import (
     EVENT_ADAPTER,
-    connect,
     eventually,
     settings_from,
     snapshot,
@@ -31,15 +29,6 @@ from tests.integration.operations import (
 from tests.support import events
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def at(year: int, month: int = 3, day: int = 14) -> str:

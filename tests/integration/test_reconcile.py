@@ -6,24 +6,14 @@ The ledger is filled through the engine's own BatchWriter (no broker needed).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from consumer.commands.common import current_year
 from consumer.commands.reconcile import find_drift, fix_drift, reconcile_command
-from tests.integration.operations import connect, settings_from, summary, uuid, write_events
+from tests.integration.operations import settings_from, summary, uuid, write_events
 from tests.support import events
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def test_reconcile_lists_a_tampered_summary_and_fix_repairs_it(

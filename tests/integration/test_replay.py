@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -18,7 +17,6 @@ from consumer.domain.milestones import notification_id
 from consumer.settings import SettingsError
 from tests.integration.operations import (
     commit_at_end,
-    connect,
     eventually,
     settings_from,
     snapshot,
@@ -29,15 +27,6 @@ from tests.integration.operations import (
 from tests.support import events
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def day(year: int, number: int) -> str:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 
 from consumer.commands.common import current_year
 from consumer.commands.status import consumer_lag, status_command
-from tests.integration.operations import commit_at_end, connect, settings_from, write_events
+from tests.integration.operations import commit_at_end, settings_from, write_events
 from tests.support import events
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def row(output: str, label: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -14,22 +13,13 @@ from consumer.commands import sweep as sweep_module
 from consumer.commands.common import current_year
 from consumer.commands.sweep import sweep_command
 from consumer.domain.milestones import notification_id
-from tests.integration.operations import connect, eventually, settings_from, statuses, summary, uuid
+from tests.integration.operations import eventually, settings_from, statuses, summary, uuid
 from tests.support import events
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics
 
 ORG = uuid(events.ORG)
 OTHER_ORG = uuid(events.OTHER_ORG)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(database_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def put_summary(
