@@ -11,13 +11,14 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test lint bench coverage clean
+.PHONY: help venv demo test lint bench bench-ops coverage clean
 
 help:
 	@echo "make demo      run the engine against an embedded broker and Postgres"
 	@echo "make test      ruff, mypy, then the whole pytest suite (PYTEST_ARGS=... to narrow)"
 	@echo "make lint      ruff and mypy only"
-	@echo "make bench     the benchmarks"
+	@echo "make bench     the benchmarks of the live path, (a) to (g)"
+	@echo "make bench-ops sweep over 100,000 mentors and replay of 1,000,000 events"
 	@echo "make coverage  the test suite under coverage, with branches"
 	@echo "make venv      create .venv and install the project (done by the targets above)"
 	@echo "make clean     remove .venv and caches"
@@ -46,6 +47,9 @@ lint: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks
+
+bench-ops: venv
+	$(BIN)/python -m benchmarks.operations
 
 coverage: venv
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)

@@ -65,3 +65,15 @@ def test_quick_benchmark_prints_every_figure(tmp_path: Path) -> None:
         assert medians[letter]["peak_rss_mb"] > 0
     for figure in ("commit_p50_ms", "commit_p99_ms", "milestone_p50_ms", "milestone_p99_ms"):
         assert medians["f"][figure] > 0
+
+
+@pytest.mark.usefixtures("harness_prerequisites")
+def test_quick_operations_benchmark_sweeps_and_replays_correctly() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.operations", "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = completed.stdout.splitlines()
+    assert any(line.startswith("sweep: ") and line.endswith("check ok") for line in lines), lines
+    assert any(line.startswith("replay ") and line.endswith("check ok") for line in lines), lines
