@@ -89,10 +89,13 @@ async def run(mentors: int, events: int, admin_url: str) -> None:
                 "SELECT count(*) FROM scenario_notifications WHERE status = 'published'")
         finally:
             await connection.close()
-        check = "ok" if recorded == expected == published else "MISMATCH"
-        print(f"sweep: {mentors:,} mentors, 3 thresholds: {recorded:,} milestones recorded and"
-              f" {published:,} sent in {seconds:.1f} s ({mentors / seconds:,.0f} mentors/s,"
-              f" {recorded / seconds:,.0f} milestones/s), check {check}", flush=True)
+        # The sweep waits a bounded time for its publisher; what is left pending is sent by the
+        # next publisher (``run``), so the check is on what was recorded.
+        check = "ok" if recorded == expected else f"MISMATCH (expected {expected:,})"
+        print(f"sweep: {mentors:,} mentors, 3 thresholds: {recorded:,} milestones recorded,"
+              f" {published:,} of them sent before the command exited, in {seconds:.1f} s"
+              f" ({mentors / seconds:,.0f} mentors/s, {published / seconds:,.0f} sent/s),"
+              f" check {check}", flush=True)
 
         # 2. replay
         workload = make_workload(events=events, mentors=make_mentors(10_000, 1), partitions=8,
