@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from consumer.domain.batch import BatchPlan, Removed, YearChange, tally
+from consumer.domain.batch import BatchPlan, Removed, YearChange, tally, thresholds_for
 from consumer.domain.calendar import is_late
 from consumer.domain.milestones import MilestoneRecord, decide
 from consumer.store import batch_sql
@@ -157,14 +157,19 @@ async def _apply(
     contexts = await connection.fetch(batch_sql.UPSERT_SUMMARY, *_year_inputs(changes))
     other_thresholds = await _thresholds_of_other_organizations(connection, contexts, changes)
 
+    # Every organization's own row seen by this batch; thresholds_for applies the default.
+    overrides = dict(other_thresholds)
+    for context in contexts:
+        if context["thresholds"] is not None:
+            overrides[context["organization_id"]] = tuple(sorted(set(context["thresholds"])))
+
     def thresholds_of(organization_id: UUID) -> tuple[int, ...]:
-        return other_thresholds.get(organization_id, options.default_thresholds)
+        return thresholds_for(organization_id, overrides, options.default_thresholds)
 
     for context in contexts:
         key = (context["user_id"], context["year"])
         change = changes[key]
-        own = context["thresholds"]
-        thresholds = options.default_thresholds if own is None else tuple(sorted(set(own)))
+        thresholds = thresholds_of(context["organization_id"])
         db_now: datetime = context["db_now"]
         result.records.extend(
             decide(

@@ -45,6 +45,7 @@ from consumer.ops.metrics import Metrics
 from consumer.stream.dead_letters import send_dead_letters
 from consumer.stream.decode import Decoded, RawRecord, Rejected, decode
 from consumer.stream.writer import BatchWriter
+from schemas.events import PreferencesChanged
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ class Engine:
         self._metrics = metrics
         self._faults = faults
         self._accepts = accepts
+        # Topics whose records go first in a batch (preferences apply before activities).
+        self._preference_topics = {
+            topic for topic, kinds in accepts.items() if PreferencesChanged in kinds
+        }
         self._dlq_topic = dlq_topic
         self._poll_timeout_ms = poll_timeout_ms
         self._max_records = max_records
@@ -200,7 +205,7 @@ class Engine:
 
     def _decoded(self, batch: Batch, generation: int) -> Prepared:
         records: list[RawRecord] = []
-        for tp in sorted(batch, key=lambda tp: (tp.topic != self._preference_topic(), tp)):
+        for tp in sorted(batch, key=lambda tp: (tp.topic not in self._preference_topics, tp)):
             records.extend(batch[tp])
         envelopes, rejected = self._decode(records)
         return Prepared(batch, records, envelopes, rejected, generation)
@@ -344,11 +349,6 @@ class Engine:
         # 4. the publisher
         self._after_commit(outcome.pending)
 
-    def _preference_topic(self) -> str:
-        for topic, accepts in self._accepts.items():
-            if any(kind.__name__ == "PreferencesChanged" for kind in accepts):
-                return topic
-        return ""
 
     def _decode(self, records: Sequence[RawRecord]) -> tuple[list[Envelope], list[Rejected]]:
         now_ms = int(time.time() * 1000)
