@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     enable_idempotence: bool = False
     batch_max_records: int = Field(5_000, ge=1)
     poll_timeout_ms: int = Field(200, ge=1)
+    fetch_max_wait_ms: int = Field(100, ge=0, le=30_000)
     fetch_max_bytes: int = Field(52_428_800, ge=1024)
     max_partition_fetch_bytes: int = Field(4_194_304, ge=1024)
     database_connect_timeout_s: float = Field(15.0, gt=0)

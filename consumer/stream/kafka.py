@@ -56,6 +56,7 @@ def make_consumer(settings: Settings, *, group_id: str | None, **extra: Any) -> 
         max_poll_interval_ms=300_000,
         max_poll_records=settings.batch_max_records,
         fetch_max_bytes=settings.fetch_max_bytes,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
         client_id="milestone-engine",
         **extra,

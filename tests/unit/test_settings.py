@@ -199,3 +199,17 @@ def test_empty_default_thresholds_are_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MILESTONES_THRESHOLDS", " , ")
     with pytest.raises(SettingsError, match=r"^MILESTONES_THRESHOLDS"):
         load_settings()
+
+
+async def test_the_fetch_wait_reaches_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tansu holds a fetch that found nothing for the whole wait, even when records arrive:
+    the wait bounds latency there, so it must be short by default and reach the client."""
+    from consumer.stream.kafka import make_consumer
+
+    monkeypatch.setenv("MILESTONES_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    assert make_consumer(load_settings(), group_id="g")._fetch_max_wait_ms == 100
+    monkeypatch.setenv("MILESTONES_FETCH_MAX_WAIT_MS", "20")
+    assert make_consumer(load_settings(), group_id="g")._fetch_max_wait_ms == 20
+    monkeypatch.setenv("MILESTONES_FETCH_MAX_WAIT_MS", "-1")
+    with pytest.raises(SettingsError, match=r"^MILESTONES_FETCH_MAX_WAIT_MS:"):
+        load_settings()
