@@ -43,7 +43,13 @@ from consumer.commands.common import command_pool, wait_until_sent
 from consumer.domain.batch import Envelope, Event
 from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
-from consumer.service import batch_options, install_stop_signals, publisher_running, start_client
+from consumer.service import (
+    batch_options,
+    install_stop_signals,
+    publisher_running,
+    start_client,
+    tune_garbage_collector,
+)
 from consumer.settings import Settings, SettingsError
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
@@ -359,6 +365,7 @@ async def replay_command(
         # where a second consumer would wait for the first one's session to expire.
         consumer = make_consumer(settings, group_id=replay_group(settings))
         await start_client(consumer, settings)
+        tune_garbage_collector(settings.batch_max_records)
         try:
             async with publisher_running(settings, metrics, faults, stop) as publisher:
                 writer = _RecordingWriter(
