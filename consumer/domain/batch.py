@@ -31,6 +31,8 @@ class Envelope:
     partition: int
     offset: int
     timestamp_ms: int
+    # ``occurred_at`` of an activity.logged as epoch seconds, when decoding computed it
+    occurred_s: float | None = None
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1.3 us more per event
@@ -71,6 +73,7 @@ class BatchPlan:
     conflicts: int = 0
     closed_year: int = 0
     envelopes: list[Envelope] = field(default_factory=list)
+    logs_in_order: list[LogRow] = field(default_factory=list)  # ``logs`` by position
 
     @property
     def empty(self) -> bool:
@@ -118,7 +121,11 @@ def plan_batch(
     for envelope in envelopes:
         event = envelope.event
         if type(event) is ActivityLogged:
-            year = year_of_session(event.occurred_at)
+            seconds = envelope.occurred_s
+            year = (
+                year_of_session(event.occurred_at) if seconds is None
+                else year_of_session.at(seconds, event.occurred_at)
+            )
             if closed_through_year is not None and year <= closed_through_year:
                 plan.closed_year += 1
                 continue
@@ -157,6 +164,7 @@ def plan_batch(
                     event.activity_id, event.deleted_at, envelope.position, envelope.timestamp_ms
                 )
     plan.preferences = [preferences[key] for key in sorted(preferences)]
+    plan.logs_in_order = list(logs.values())  # dicts keep insertion, i.e. batch, order
     plan.logs = [logs[key] for key in sorted(logs)]
     plan.deletes = [deletes[key] for key in sorted(deletes)]
     return plan
@@ -192,19 +200,22 @@ def tally(
     ``inserted_counted`` are the new ledger rows that entered the count; ``removed`` the rows a
     delete took out. Anything else in the plan was a duplicate and changes nothing.
     """
-    by_id = {row.activity_id.int: row for row in plan.logs}
-    delete_at = {row.activity_id.int: row for row in plan.deletes}
-    # (position, mentor as int, year, step): sorted by position, then grouped by mentor-year.
-    ordered: list[tuple[int, int, int, Step, UUID]] = []
-    for activity_id in inserted_counted:
-        log = by_id[activity_id.int]
-        step = Step(1, log.activity_id, log.occurred_at, log.timestamp_ms, log.organization_id)
-        ordered.append((log.position, log.mentor_id.int, log.year, step, log.mentor_id))
-    for item in removed:
-        delete = delete_at[item.activity_id.int]
-        step = Step(-1, delete.activity_id, None, delete.timestamp_ms)
-        ordered.append((delete.position, item.mentor_id.int, item.year, step, item.mentor_id))
-    ordered.sort(key=_position)
+    counted = {activity_id.int for activity_id in inserted_counted}
+    # (position, mentor as int, year, step, mentor): in batch order, then grouped by mentor-year.
+    ordered: list[tuple[int, int, int, Step, UUID]] = [
+        (log.position, log.mentor_id.int, log.year,
+         Step(1, log.activity_id, log.occurred_at, log.timestamp_ms, log.organization_id),
+         log.mentor_id)
+        for log in plan.logs_in_order if log.activity_id.int in counted
+    ]
+    removed = list(removed)
+    if removed:  # rare: deletes interleave with the logs, so only then is a sort needed
+        delete_at = {row.activity_id.int: row for row in plan.deletes}
+        for item in removed:
+            delete = delete_at[item.activity_id.int]
+            step = Step(-1, delete.activity_id, None, delete.timestamp_ms)
+            ordered.append((delete.position, item.mentor_id.int, item.year, step, item.mentor_id))
+        ordered.sort(key=_position)
     grouped: dict[tuple[int, int], tuple[UUID, YearChange]] = {}
     for _, mentor_int, year, step, mentor_id in ordered:
         entry = grouped.get((mentor_int, year))

@@ -39,7 +39,11 @@ class YearOf:
     def __call__(self, occurred_at: datetime) -> int:
         if occurred_at.tzinfo is None:
             raise ValueError("occurred_at must carry an offset")
-        index = bisect_right(self._starts, occurred_at.timestamp()) - 1
+        return self.at(occurred_at.timestamp(), occurred_at)
+
+    def at(self, seconds: float, occurred_at: datetime) -> int:
+        """The year of ``occurred_at`` whose epoch ``seconds`` the caller already has."""
+        index = bisect_right(self._starts, seconds) - 1
         if 0 <= index < len(self._starts) - 1:
             return self._first_year + index
         return session_year(occurred_at, self._tz)

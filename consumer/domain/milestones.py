@@ -167,6 +167,8 @@ def decide(
     records: list[MilestoneRecord] = []
     if not steps:
         steps = [Step(0, mentor_id, None, evaluated_at_ms)]
+    due_under: Sequence[int] | None = None  # the thresholds ``due`` was computed for
+    due: float = 0
     for step in steps:
         before = running
         running += step.delta
@@ -177,6 +179,10 @@ def decide(
         own = thresholds if current == organization_id or thresholds_of is None else (
             thresholds_of(current)
         )
+        if own is not due_under:
+            due, due_under = _next_due(own, already), own
+        if running < due:
+            continue  # evaluate would find nothing: most steps of a batch end here
         for decision in evaluate(running, own, already, opted_out=opted_out, notify=not late):
             value = decision.milestone_value
             already.add(value)
@@ -197,4 +203,13 @@ def decide(
                     reached_at=step.occurred_at if crossed else None,
                 )
             )
+        due = _next_due(own, already)
     return records
+
+
+def _next_due(thresholds: Sequence[int], recorded: set[int]) -> float:
+    """The lowest threshold without a record: below it, :func:`evaluate` returns nothing."""
+    for threshold in thresholds:
+        if threshold not in recorded:
+            return threshold
+    return float("inf")
