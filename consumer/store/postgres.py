@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -70,6 +71,12 @@ class BatchResult:
     pending: int = 0
 
 
+_LOG_COLUMNS = attrgetter(
+    "activity_id", "mentor_id", "organization_id", "year", "occurred_at", "activity_type",
+    "counted", "deleted_at",
+)
+
+
 def _year_inputs(changes: dict[tuple[UUID, int], YearChange]) -> list[list[Any]]:
     mentors, years, deltas, organizations = [], [], [], []
     for (mentor_id, year), change in changes.items():
@@ -124,17 +131,9 @@ async def _apply(
         )
     inserted: list[UUID] = []
     if plan.logs:
-        logs = plan.logs
+        # One C-level pass per row, then a transpose: eight comprehensions cost twice as much.
         rows = await connection.fetch(
-            batch_sql.INSERT_LOGS,
-            [row.activity_id for row in logs],
-            [row.mentor_id for row in logs],
-            [row.organization_id for row in logs],
-            [row.year for row in logs],
-            [row.occurred_at for row in logs],
-            [row.activity_type for row in logs],
-            [row.counted for row in logs],
-            [row.deleted_at for row in logs],
+            batch_sql.INSERT_LOGS, *zip(*map(_LOG_COLUMNS, plan.logs), strict=True)
         )
         for row in rows:
             if row["conflict"]:
@@ -206,9 +205,13 @@ async def _thresholds_of_other_organizations(
     """
     others: set[UUID] = set()
     for context in contexts:
-        final = context["organization_id"]
-        for step in changes[(context["user_id"], context["year"])].steps:
-            if step.organization_id is not None and step.organization_id != final:
+        steps = changes[(context["user_id"], context["year"])].steps
+        if len(steps) < 2:
+            continue  # a single step's organization is the final one
+        final_id = context["organization_id"]
+        final = final_id.int if final_id is not None else None  # ints: UUID.__eq__ is slow
+        for step in steps:
+            if step.organization_id is not None and step.organization_id.int != final:
                 others.add(step.organization_id)
     if not others:
         return {}
