@@ -181,8 +181,7 @@ class Engine:
                     prepared = self._refresh(prepared)  # a rebalance came in between
                 if prepared.batch:
                     self._inflight = asyncio.ensure_future(self._handle(prepared))
-                    if not until_caught_up:
-                        upcoming = asyncio.ensure_future(self._prepare(overlapping=True))
+                    upcoming = asyncio.ensure_future(self._prepare(overlapping=True))
                     await self._finish(self._inflight, stop, shutdown_timeout_s)
                     self._inflight = None
                 if until_caught_up and not prepared.batch and await self.caught_up():
