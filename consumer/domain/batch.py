@@ -193,20 +193,21 @@ class YearChange:
 
 
 def tally(
-    plan: BatchPlan, inserted_counted: Iterable[UUID], removed: Iterable[Removed]
+    plan: BatchPlan, missed: Iterable[UUID], removed: Iterable[Removed]
 ) -> dict[tuple[UUID, int], YearChange]:
     """Turn what the database accepted into ordered per-(mentor, year) steps, sorted by key.
 
-    ``inserted_counted`` are the new ledger rows that entered the count; ``removed`` the rows a
-    delete took out. Anything else in the plan was a duplicate and changes nothing.
+    ``missed`` are the logs planned as counted that did not enter the count (their id was on
+    the ledger already); every other counted log did. The database reports the few it missed
+    rather than the many it counted. ``removed`` are the rows a delete took out.
     """
-    counted = {activity_id.int for activity_id in inserted_counted}
+    not_counted = {activity_id.int for activity_id in missed}
     # (position, mentor as int, year, step, mentor): in batch order, then grouped by mentor-year.
     ordered: list[tuple[int, int, int, Step, UUID]] = [
         (log.position, log.mentor_id.int, log.year,
          Step(1, log.activity_id, log.occurred_at, log.timestamp_ms, log.organization_id),
          log.mentor_id)
-        for log in plan.logs_in_order if log.activity_id.int in counted
+        for log in plan.logs_in_order if log.counted and log.activity_id.int not in not_counted
     ]
     removed = list(removed)
     if removed:  # rare: deletes interleave with the logs, so only then is a sort needed

@@ -19,11 +19,13 @@ WHERE excluded.changed_at > p.changed_at
 """
 
 # First write wins. A tombstone (mentor_id null) is filled in but stays uncounted.
-# Returns the new rows that entered the count, then the inputs that conflict with an earlier
-# log (other mentor, organization, time or type); the outer SELECT sees the rows as they were
-# before this statement, so it compares against earlier logs only. Only the inputs the INSERT
-# did not write can conflict, so only those probe the primary key a second time (about 1 % of a
-# batch instead of all of it: 22 -> 17 µs of Postgres CPU per event with 5 M ledger rows).
+# Returns the exceptions only, a few rows per batch: the inputs planned as counted that did not
+# enter the count (conflict false), and the inputs that conflict with an earlier log (other
+# mentor, organization, time or type; conflict true, and also missed when planned as counted).
+# Every other counted input entered the count. Returning the exceptions instead of every
+# counted id spares the engine 5,000 UUIDs to decode per batch. The outer SELECT sees the rows
+# as they were before this statement, so it compares against earlier logs only; only the inputs
+# the INSERT did not write are probed a second time (about 1 % of a batch).
 INSERT_LOGS = """
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::timestamptz[],
@@ -47,15 +49,18 @@ WITH input AS (
         delete_uncounted = coalesce(l.delete_uncounted, false)
     WHERE l.mentor_id IS NULL
     RETURNING l.activity_id, l.counted
+), missed AS MATERIALIZED (
+    SELECT i.* FROM input i
+    WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.activity_id = i.activity_id AND w.counted)
 )
-SELECT activity_id, false AS conflict FROM written WHERE counted
+SELECT activity_id, false AS conflict FROM missed WHERE counted
 UNION ALL
-SELECT i.activity_id, true
-FROM input i JOIN activity_ledger l USING (activity_id)
-WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.activity_id = i.activity_id)
+SELECT m.activity_id, true
+FROM missed m JOIN activity_ledger l USING (activity_id)
+WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.activity_id = m.activity_id)
   AND l.mentor_id IS NOT NULL
   AND (l.mentor_id, l.organization_id, l.occurred_at, l.activity_type)
-      IS DISTINCT FROM (i.mentor_id, i.organization_id, i.occurred_at, i.activity_type)
+      IS DISTINCT FROM (m.mentor_id, m.organization_id, m.occurred_at, m.activity_type)
 """
 
 # The first delete of an id wins. SET sees the old row, so delete_uncounted keeps whether this

@@ -129,7 +129,7 @@ async def _apply(
             [row.milestone_notifications for row in plan.preferences],
             [row.changed_at for row in plan.preferences],
         )
-    inserted: list[UUID] = []
+    missed: list[UUID] = []
     if plan.logs:
         # One C-level pass per row, then a transpose: eight comprehensions cost twice as much.
         rows = await connection.fetch(
@@ -139,7 +139,7 @@ async def _apply(
             if row["conflict"]:
                 result.conflicts += 1
             else:
-                inserted.append(row["activity_id"])
+                missed.append(row["activity_id"])
     removed: list[Removed] = []
     if plan.deletes:
         rows = await connection.fetch(
@@ -148,9 +148,9 @@ async def _apply(
             [row.deleted_at for row in plan.deletes],
         )
         removed = [Removed(row["activity_id"], row["mentor_id"], row["year"]) for row in rows]
-    result.new_sessions = len(inserted)
+    result.new_sessions = sum(1 for row in plan.logs if row.counted) - len(missed)
     result.removed_sessions = len(removed)
-    changes = tally(plan, inserted, removed)
+    changes = tally(plan, missed, removed)
     if not changes:
         return result
     contexts = await connection.fetch(batch_sql.UPSERT_SUMMARY, *_year_inputs(changes))

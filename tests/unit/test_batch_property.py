@@ -111,17 +111,19 @@ class Store:
                 or (pref.changed_at == old[1] and old[0] and not pref.milestone_notifications)
             ):
                 self.preferences[pref.mentor_id] = (pref.milestone_notifications, pref.changed_at)
-        # INSERT_LOGS: first write wins; a tombstone is filled in but stays uncounted.
-        inserted: list[uuid.UUID] = []
+        # INSERT_LOGS: first write wins; a tombstone is filled in but stays uncounted. It
+        # reports the counted logs that missed the count.
+        missed: list[uuid.UUID] = []
         for log in plan.logs:
             row = self.ledger.get(log.activity_id)
             if row is None:
                 deleted = log.deleted_at is not None
                 self.ledger[log.activity_id] = LedgerRow(log.mentor_id, log.year, log.counted,
                                                          deleted)
-                if log.counted:
-                    inserted.append(log.activity_id)
-            elif row.mentor_id is None:
+                continue
+            if log.counted:
+                missed.append(log.activity_id)
+            if row.mentor_id is None:
                 row.mentor_id, row.year, row.counted = log.mentor_id, log.year, False
         # APPLY_DELETES: the first delete wins; it takes a counted session out.
         removed: list[Removed] = []
@@ -137,7 +139,7 @@ class Store:
                     assert row.year is not None
                     removed.append(Removed(delete.activity_id, row.mentor_id, row.year))
         # UPSERT_SUMMARY then INSERT_MILESTONES (ON CONFLICT DO NOTHING).
-        for (mentor_id, year), change in tally(plan, inserted, removed).items():
+        for (mentor_id, year), change in tally(plan, missed, removed).items():
             count, organization_id = self.summary.get((mentor_id, year), (0, None))
             count += change.delta
             organization_id = change.organization_id or organization_id
