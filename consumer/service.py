@@ -94,7 +94,9 @@ def arm_exit_watchdog(timeout_s: float) -> None:
     timer.start()
 
 
-async def open_pool(settings: Settings, *, max_size: int = 4) -> asyncpg.Pool:
+async def open_pool(
+    settings: Settings, *, max_size: int = 4, statement_timeouts: bool = True
+) -> asyncpg.Pool:
     """The pool, or a :class:`SettingsError` naming the variable after the start timeout."""
     try:
         return await connect_pool(
@@ -102,6 +104,7 @@ async def open_pool(settings: Settings, *, max_size: int = 4) -> asyncpg.Pool:
             timeout_s=settings.database_connect_timeout_s,
             # One connection per write lane, plus the probe's and a spare.
             max_size=max(max_size, settings.batch_lanes + 2),
+            statement_timeouts=statement_timeouts,
         )
     except StoreUnavailable as error:
         raise SettingsError(

@@ -38,10 +38,14 @@ def current_year(settings: Settings) -> int:
 
 @asynccontextmanager
 async def command_pool(
-    settings: Settings, *, max_size: int = 4, migrate: bool = True
+    settings: Settings, *, max_size: int = 4, migrate: bool = True,
+    statement_timeouts: bool = True,
 ) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on an up-to-date schema (migrated when this role may, as ``run`` does)."""
-    pool = await open_pool(settings, max_size=max_size)
+    """A pool on an up-to-date schema (migrated when this role may, as ``run`` does).
+
+    ``statement_timeouts`` False for commands whose single statements may run long.
+    """
+    pool = await open_pool(settings, max_size=max_size, statement_timeouts=statement_timeouts)
     try:
         if migrate:
             async with pool.acquire() as connection:

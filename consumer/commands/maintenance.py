@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 async def migrate_command(settings: Settings) -> int:
     from consumer.service import open_pool
 
-    pool = await open_pool(settings, max_size=1)
+    pool = await open_pool(settings, max_size=1, statement_timeouts=False)
     try:
         async with pool.acquire() as connection:
             applied = await migrate(connection)
@@ -48,7 +48,9 @@ async def prune_command(settings: Settings, *, before_year: int, tombstone_days:
     if tombstone_days < 0:
         raise SettingsError("--tombstone-days: must be 0 or more")
     started = time.monotonic()
-    async with command_pool(settings, max_size=1) as pool, pool.acquire() as connection:
+    async with command_pool(
+        settings, max_size=1, statement_timeouts=False
+    ) as pool, pool.acquire() as connection:
         watermark = await close_years(connection, before_year - 1)
         if watermark > before_year - 1:
             print(f"years through {watermark} were already closed; the watermark stays there")

@@ -131,7 +131,7 @@ async def rebuild_ledger(
 
 
 async def reconcile_command(settings: Settings, *, year: int | None, fix: bool, rebuild: bool) -> int:
-    async with command_pool(settings) as pool:
+    async with command_pool(settings, statement_timeouts=False) as pool:
         closed = await read_closed_through_year(pool)
         if year is not None and closed is not None and year <= closed:
             print(f"{year} is a closed year (pruned through {closed}): its ledger rows are gone,"

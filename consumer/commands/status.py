@@ -77,7 +77,9 @@ async def consumer_lag(settings: Settings, group_id: str) -> list[PartitionLag]:
 
 async def status_command(settings: Settings) -> int:
     year = current_year(settings)
-    async with command_pool(settings, max_size=1, migrate=False) as pool:
+    async with command_pool(
+        settings, max_size=1, migrate=False, statement_timeouts=False
+    ) as pool:
         counts = await pool.fetchrow(status_sql.COUNTS, year)
         notifications = await pool.fetch(status_sql.NOTIFICATIONS, year)
         pending = await pool.fetch(status_sql.OLDEST_PENDING, PENDING_SHOWN)

@@ -56,6 +56,7 @@ from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
+from consumer.store.postgres import SERVER_SETTINGS
 from consumer.stream.kafka import make_consumer, make_producer
 from consumer.stream.teardown import within
 from schemas.events import MilestoneReached
@@ -246,11 +247,11 @@ class Publisher:
             self._connection = None
             # command_timeout: a connection that went silent (no reset) must fail, not hang
             # while it still looks like the lease.
-            connection = await self._db(
-                asyncpg.connect(self._dsn, timeout=5, command_timeout=LEASE_COMMAND_TIMEOUT_S)
-            )
+            connection = await self._db(asyncpg.connect(
+                self._dsn, timeout=5, command_timeout=LEASE_COMMAND_TIMEOUT_S,
+                server_settings=SERVER_SETTINGS,  # the pool's timeouts and custom plans
+            ))
             self._connection = connection
-            await self._db(connection.execute("SET statement_timeout = '30s'"))
         if self._leader:
             return True
         took = await self._db(

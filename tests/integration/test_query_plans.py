@@ -1,0 +1,91 @@
+"""Session settings of the engine's connections, and why the batch statements need them.
+
+A statement asyncpg prepared once may get a generic plan, made with the statistics of that
+moment: on an empty table, a scan of the whole table per summary row. With autovacuum off or
+behind, nothing replaced it, and each batch got slower as milestones accumulated. The engine's
+connections plan every run instead (``plan_cache_mode = force_custom_plan``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from consumer.store import batch_sql
+from consumer.store.migrate import migrate
+from consumer.store.postgres import connect_pool
+
+ORG = uuid.UUID(int=1)
+
+
+async def _summary_plan(connection: asyncpg.Connection, mentors: list[uuid.UUID]) -> str:
+    """EXPLAIN of the prepared summary statement, after enough runs to allow a generic plan."""
+    await connection.execute(f"PREPARE summary AS {batch_sql.UPSERT_SUMMARY}")
+    literal = "ARRAY[" + ",".join(f"'{m}'" for m in mentors) + "]::uuid[]"
+    ones = f"array_fill(1, ARRAY[{len(mentors)}])"
+    years = f"array_fill(2026, ARRAY[{len(mentors)}])"
+    organizations = f"array_fill('{ORG}'::uuid, ARRAY[{len(mentors)}])"
+    arguments = f"({literal}, {years}, {ones}, {organizations})"
+    for _ in range(6):  # the sixth run may switch to a generic plan
+        async with connection.transaction():
+            await connection.execute(f"EXECUTE summary{arguments}")
+    # Milestones accumulate, no ANALYZE runs (autovacuum may be off or behind).
+    await connection.execute(
+        "INSERT INTO scenario_notifications (id, user_id, organization_id, scenario_type, year,"
+        " milestone_value, session_count, status, reached_at)"
+        " SELECT gen_random_uuid(), gen_random_uuid(), $1, 'milestone', 2026, 50, 50,"
+        " 'published', now() FROM generate_series(1, 20000)",
+        ORG,
+    )
+    async with connection.transaction():
+        rows = await connection.fetch(f"EXPLAIN EXECUTE summary{arguments}")
+    return "\n".join(row[0] for row in rows)
+
+
+async def test_engine_connections_plan_the_summary_with_the_index(database_url: str) -> None:
+    pool = await connect_pool(database_url, timeout_s=10, max_size=1)
+    try:
+        async with pool.acquire() as connection:
+            await migrate(connection)
+            await connection.execute("VACUUM ANALYZE scenario_notifications")
+        # The same connection again, after the pool's RESET ALL.
+        async with pool.acquire() as connection:
+            plan = await _summary_plan(connection, [uuid.uuid4() for _ in range(50)])
+    finally:
+        await pool.close()
+    assert "Seq Scan on scenario_notifications" not in plan, plan
+    assert "scenario_notifications" in plan
+
+
+async def test_without_custom_plans_the_hazard_is_real(database_url: str) -> None:
+    """The test above can fail: a plain connection keeps the generic plan and scans."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await migrate(connection)
+        await connection.execute("VACUUM ANALYZE scenario_notifications")
+        plan = await _summary_plan(connection, [uuid.uuid4() for _ in range(50)])
+    finally:
+        await connection.close()
+    assert "Seq Scan on scenario_notifications" in plan, plan
+
+
+async def test_session_settings_survive_the_pools_reset(database_url: str) -> None:
+    """asyncpg's pool runs RESET ALL on release: settings made by SET were gone after the
+    first batch. Sent at connection start, they are what RESET ALL returns to."""
+    bounded = await connect_pool(database_url, timeout_s=10, max_size=1)
+    unbounded = await connect_pool(database_url, timeout_s=10, max_size=1,
+                                   statement_timeouts=False)
+    try:
+        for _ in range(3):
+            async with bounded.acquire() as connection:
+                assert await connection.fetchval("SHOW statement_timeout") == "30s"
+                assert await connection.fetchval("SHOW lock_timeout") == "20s"
+                assert await connection.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+                await connection.execute("SET statement_timeout = 0")  # undone on release
+            async with unbounded.acquire() as connection:
+                assert await connection.fetchval("SHOW statement_timeout") == "0"
+                assert await connection.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
+        await bounded.close()
+        await unbounded.close()
