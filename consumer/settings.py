@@ -50,11 +50,11 @@ class Settings(BaseSettings):
     fault_after: int = Field(1, ge=1)
     counted_activity_types: Annotated[frozenset[str] | None, NoDecode] = None
     enable_idempotence: bool = False
-    batch_max_records: int = Field(5_000, ge=1)
+    batch_max_records: int = Field(3_000, ge=1)
     poll_timeout_ms: int = Field(200, ge=1)
     fetch_max_wait_ms: int = Field(100, ge=0, le=30_000)
     fetch_max_bytes: int = Field(52_428_800, ge=1024)
-    max_partition_fetch_bytes: int = Field(4_194_304, ge=1024)
+    max_partition_fetch_bytes: int = Field(1_048_576, ge=1024)
     database_connect_timeout_s: float = Field(15.0, gt=0)
     retry_backoff_max_s: float = Field(5.0, gt=0)
     transaction_retries: int = Field(5, ge=0)
