@@ -44,6 +44,7 @@ from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.stream.dead_letters import send_dead_letters
 from consumer.stream.decode import Decoded, RawRecord, Rejected, decode
+from consumer.stream.kafka import broker_trouble
 from consumer.stream.writer import BatchWriter
 from schemas.events import PreferencesChanged
 
@@ -390,7 +391,9 @@ class Engine:
             try:
                 await send_dead_letters(self._dlq_producer, self._dlq_topic, rejected)
                 return
-            except KafkaError as error:
+            except Exception as error:
+                if not broker_trouble(error):
+                    raise
                 log.warning("dead-letter send failed (%s); retrying in %.1f s", error, delay)
                 await self.idle_poll(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
@@ -425,7 +428,7 @@ class Engine:
             log.warning("offset commit skipped (batch abandoned at revocation)")
             return
         error = committing.exception()
-        if isinstance(error, KafkaError | AssertionError | TimeoutError):
+        if isinstance(error, AssertionError) or broker_trouble(error):
             # A rebalance took the partitions (or the broker is away): the next owner repeats
             # the batch harmlessly.
             self._metrics.inc("milestones_offset_commit_failures_total")

@@ -49,7 +49,7 @@ from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError
 from pydantic import ValidationError
 
 from consumer.faults import FaultInjector
@@ -57,7 +57,7 @@ from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
 from consumer.store.postgres import SERVER_SETTINGS
-from consumer.stream.kafka import make_consumer, make_producer
+from consumer.stream.kafka import broker_trouble, make_consumer, make_producer
 from consumer.stream.teardown import within
 from schemas.events import MilestoneReached
 
@@ -197,12 +197,13 @@ class Publisher:
                 backoff.reset()
                 if sent < self._settings.publisher_batch_max:
                     await self._idle(stop, self._idle_interval_s)
-            except (TimeoutError, KafkaError) as error:
-                self._in_doubt = True
-                log.warning("publisher: broker trouble (%s: %s); will read back before sending",
-                            type(error).__name__, error)
-                await self._idle(stop, backoff.next())
             except Exception as error:
+                if broker_trouble(error):
+                    self._in_doubt = True
+                    log.warning("publisher: broker trouble (%s: %s); will read back before"
+                                " sending", type(error).__name__, error)
+                    await self._idle(stop, backoff.next())
+                    continue
                 mapped = classify(error)  # StoreError passes through; asyncpg's are mapped
                 if isinstance(mapped, StoreUnavailable):
                     log.warning("publisher: database unreachable (%s); lease dropped", mapped)
