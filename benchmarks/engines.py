@@ -41,28 +41,26 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM, the process's peak resident set, in MiB (0 once it is gone)."""
+def _status_mib(pid: int, field: str) -> float:
+    """A memory line of /proc/PID/status, in MiB (0 once the process is gone)."""
     try:
         with open(f"/proc/{pid}/status") as file:
             for line in file:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM, the process's peak resident set, in MiB (0 once it is gone)."""
+    return _status_mib(pid, "VmHWM:")
 
 
 def rss_mb(pid: int) -> float:
     """VmRSS, the process's resident set now, in MiB (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as file:
-            for line in file:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mib(pid, "VmRSS:")
 
 
 def machine_cpu() -> tuple[float, float]:

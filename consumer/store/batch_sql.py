@@ -23,7 +23,7 @@ WHERE excluded.changed_at > p.changed_at
 # enter the count (conflict false), and the inputs that conflict with an earlier log (other
 # mentor, organization, time or type; conflict true, and also missed when planned as counted).
 # Every other counted input entered the count. Returning the exceptions instead of every
-# counted id spares the engine 5,000 UUIDs to decode per batch. The outer SELECT sees the rows
+# counted id spares the engine a UUID to decode per event. The outer SELECT sees the rows
 # as they were before this statement, so it compares against earlier logs only; only the inputs
 # the INSERT did not write are probed a second time (about 1 % of a batch).
 INSERT_LOGS = """
