@@ -1,4 +1,4 @@
-"""The messages of the milestone engine's outside contract (see CONTRACT.md)."""
+"""The messages of the milestone engine's outside contract; docs/contract.md explains them."""
 
 from schemas.events import (
     ActivityDeleted,

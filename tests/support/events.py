@@ -1,4 +1,4 @@
-"""The contract's input events as plain dicts, field for field as in CONTRACT.md.
+"""The contract's input events as plain dicts, field for field as in docs/contract.md.
 
 Every id argument takes a ``UUID`` or a string (a string is sent as given, so a test can send a
 malformed one); ``None`` for an id means a fresh ``uuid4``.

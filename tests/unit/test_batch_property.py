@@ -7,7 +7,7 @@ Two models process the same random stream of events:
   milestones with a unique key) → ``tally`` → ``decide``, one delivered batch at a time, with
   random batch boundaries and crash-redeliveries (a batch committed to the database but not
   to Kafka comes again, possibly cut differently);
-* the **oracle**: the contract's rules applied one event at a time, written from CONTRACT.md
+* the **oracle**: the contract's rules applied one event at a time, written from docs/contract.md
   without the core's helpers.
 
 The only batching the contract makes visible is "a batch's preference changes are applied before
