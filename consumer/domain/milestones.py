@@ -17,6 +17,18 @@ SCENARIO_TYPE = "milestone"
 
 Status = Literal["pending", "suppressed"]
 
+# Why a record is ``suppressed`` (column ``scenario_notifications.suppressed_reason``, checked
+# against this list by migration 0004). The first that applies is recorded, in this order.
+SuppressedReason = Literal[
+    "opted_out",              # the mentor had opted out when the milestone was recorded
+    "grace_period_over",      # a past year's milestone recorded after its grace period
+    "replay_no_notify",       # reached by a session older than a `replay --no-notify`
+    "opted_out_before_send",  # recorded pending, the mentor opted out before it was sent
+]
+SUPPRESSED_REASONS: tuple[SuppressedReason, ...] = (
+    "opted_out", "grace_period_over", "replay_no_notify", "opted_out_before_send",
+)
+
 
 def notification_id(mentor_id: UUID, year: int, milestone_value: int) -> UUID:
     """The contract's deterministic id; the notifier deduplicates on it."""
@@ -125,6 +137,7 @@ class MilestoneRecord:
     status: Status
     activity_id: UUID | None
     reached_at: datetime | None  # None: the database's now(), which is also created_at
+    suppressed_reason: SuppressedReason | None = None  # set exactly when status is suppressed
 
 
 def decide(
@@ -190,6 +203,7 @@ def decide(
             replayed = (
                 suppress_before_ms is not None and step.record_timestamp_ms < suppress_before_ms
             )
+            reason = suppressed_reason(opted_out=opted_out, late=late, replayed=replayed)
             records.append(
                 MilestoneRecord(
                     id=notification_id(mentor_id, year, value),
@@ -198,13 +212,27 @@ def decide(
                     year=year,
                     milestone_value=value,
                     session_count=value if crossed else count_after,
-                    status="pending" if decision.emit and not replayed else "suppressed",
+                    status="pending" if reason is None else "suppressed",
                     activity_id=step.activity_id if crossed else None,
                     reached_at=step.occurred_at if crossed else None,
+                    suppressed_reason=reason,
                 )
             )
         due = _next_due(own, already)
     return records
+
+
+def suppressed_reason(
+    *, opted_out: bool, late: bool, replayed: bool = False
+) -> SuppressedReason | None:
+    """Why a milestone recorded now is suppressed, or None when it is to be sent."""
+    if opted_out:
+        return "opted_out"
+    if late:
+        return "grace_period_over"
+    if replayed:
+        return "replay_no_notify"
+    return None
 
 
 def _next_due(thresholds: Sequence[int], recorded: set[int]) -> float:

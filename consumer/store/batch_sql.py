@@ -111,13 +111,13 @@ LEFT JOIN mentor_preferences p ON p.mentor_id = c.user_id
 INSERT_MILESTONES = """
 INSERT INTO scenario_notifications
     (id, user_id, organization_id, scenario_type, year, milestone_value, session_count, status,
-     activity_id, reached_at)
+     activity_id, reached_at, suppressed_reason)
 SELECT id, user_id, organization_id, 'milestone', year, milestone_value, session_count, status,
-       activity_id, coalesce(reached_at, now())
+       activity_id, coalesce(reached_at, now()), suppressed_reason
 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::int[], $6::int[], $7::text[],
-            $8::uuid[], $9::timestamptz[])
+            $8::uuid[], $9::timestamptz[], $10::text[])
     AS t(id, user_id, organization_id, year, milestone_value, session_count, status,
-         activity_id, reached_at)
+         activity_id, reached_at, suppressed_reason)
 ON CONFLICT DO NOTHING
 RETURNING id, status
 """

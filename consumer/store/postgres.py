@@ -107,12 +107,12 @@ def _year_inputs(changes: dict[tuple[UUID, int], YearChange]) -> list[list[Any]]
 
 
 def _record_inputs(records: Sequence[MilestoneRecord]) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(9)]
+    columns: list[list[Any]] = [[] for _ in range(10)]
     for record in sorted(records, key=lambda r: (r.mentor_id.int, r.year, r.milestone_value)):
         values = (
             record.id, record.mentor_id, record.organization_id, record.year,
             record.milestone_value, record.session_count, record.status, record.activity_id,
-            record.reached_at,
+            record.reached_at, record.suppressed_reason,
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)

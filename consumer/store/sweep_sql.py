@@ -7,7 +7,7 @@ One chunk is one transaction of three statements, in the engine's lock order:
   2. the candidates: every threshold ``<= session_count`` (so evaluation "stops at the first
      threshold not reached" by construction) that has no record for that mentor and year, with
      its status: ``suppressed`` when the mentor has opted out or the year is past its grace
-     deadline on the database clock, else ``pending``;
+     deadline on the database clock (the reason is recorded), else ``pending``;
   3. insert them (ids computed in Python: UUIDv5 needs SHA-1, which stock Postgres lacks),
      ON CONFLICT DO NOTHING, in key order: the unique key, not this process, decides which of
      two sweeps or the live consumer records a milestone.
@@ -43,8 +43,8 @@ WITH clock AS (
                     + make_interval(hours => 24 * $5) AS late
 )
 SELECT s.user_id, s.organization_id, s.session_count, m.value AS milestone_value,
-       CASE WHEN clock.late OR coalesce(NOT p.milestone_notifications, false)
-            THEN 'suppressed' ELSE 'pending' END AS status
+       CASE WHEN coalesce(NOT p.milestone_notifications, false) THEN 'opted_out'
+            WHEN clock.late THEN 'grace_period_over' END AS suppressed_reason
 FROM annual_summary s
 CROSS JOIN clock
 LEFT JOIN milestone_thresholds t ON t.organization_id = s.organization_id
@@ -64,11 +64,12 @@ ORDER BY s.user_id, m.value
 _INSERT = """
 INSERT INTO scenario_notifications
     (id, user_id, organization_id, scenario_type, year, milestone_value, session_count, status,
-     activity_id, reached_at)
-SELECT id, user_id, organization_id, 'milestone', $1, milestone_value, session_count, status,
-       NULL, now()
+     activity_id, reached_at, suppressed_reason)
+SELECT id, user_id, organization_id, 'milestone', $1, milestone_value, session_count,
+       CASE WHEN suppressed_reason IS NULL THEN 'pending' ELSE 'suppressed' END,
+       NULL, now(), suppressed_reason
 FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::int[], $6::int[], $7::text[])
-    AS t(id, user_id, organization_id, milestone_value, session_count, status)
+    AS t(id, user_id, organization_id, milestone_value, session_count, suppressed_reason)
 ORDER BY user_id, milestone_value
 ON CONFLICT DO NOTHING
 RETURNING id, milestone_value, status
@@ -133,7 +134,8 @@ async def _insert(
     for row in candidates:
         values = (
             notification_id(row["user_id"], year, row["milestone_value"]), row["user_id"],
-            row["organization_id"], row["milestone_value"], row["session_count"], row["status"],
+            row["organization_id"], row["milestone_value"], row["session_count"],
+            row["suppressed_reason"],
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)

@@ -73,7 +73,8 @@ _T = TypeVar("_T")
 
 _SELECT_PENDING = """
 WITH suppressed AS (
-    UPDATE scenario_notifications n SET status = 'suppressed'
+    UPDATE scenario_notifications n
+    SET status = 'suppressed', suppressed_reason = 'opted_out_before_send'
     FROM mentor_preferences p
     WHERE n.status = 'pending' AND n.scenario_type = 'milestone'
       AND p.mentor_id = n.user_id AND NOT p.milestone_notifications

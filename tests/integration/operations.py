@@ -48,7 +48,8 @@ async def connect(database_url: str) -> asyncpg.Connection:
 
 
 async def write_events(
-    settings: Settings, events: Sequence[Mapping[str, Any]], *, timestamp_ms: int | None = None
+    settings: Settings, events: Sequence[Mapping[str, Any]], *, timestamp_ms: int | None = None,
+    suppress_before_ms: int | None = None,
 ) -> None:
     """Write events through the engine's own BatchWriter (no broker), one batch."""
     pool = await asyncpg.create_pool(settings.require_database(), min_size=1, max_size=2)
@@ -56,7 +57,8 @@ async def write_events(
         async with pool.acquire() as connection:
             await migrate(connection)
         writer = BatchWriter(
-            pool, batch_options(settings), Metrics(), counted_types=settings.counted_activity_types
+            pool, batch_options(settings, suppress_before_ms=suppress_before_ms), Metrics(),
+            counted_types=settings.counted_activity_types,
         )
         stamp = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
         envelopes = [

@@ -460,3 +460,25 @@ def test_notification_id_differs_by_year_value_and_mentor() -> None:
         notification_id(OTHER_MENTOR, 2026, 50),
     }
     assert len(ids) == 4
+
+
+@pytest.mark.parametrize(
+    ("opted_out", "late", "suppress_before_ms", "expected"),
+    [
+        (False, False, None, None),
+        (True, False, None, "opted_out"),
+        (False, True, None, "grace_period_over"),
+        (True, True, None, "opted_out"),  # the first that applies is recorded
+        (False, False, 10**15, "replay_no_notify"),
+        (False, True, 10**15, "grace_period_over"),
+    ],
+)
+def test_a_suppressed_record_says_why(
+    opted_out: bool, late: bool, suppress_before_ms: int | None, expected: str | None
+) -> None:
+    [record] = decide_simple(
+        count_after=50, steps=[step("a")], thresholds=(50,), opted_out=opted_out, late=late,
+        suppress_before_ms=suppress_before_ms,
+    )
+    assert record.suppressed_reason == expected
+    assert record.status == ("pending" if expected is None else "suppressed")
