@@ -2,6 +2,12 @@
 
 Any :class:`SettingsError` (a bad variable, a database or broker unreachable at start, a schema
 that needs ``migrate``) is printed as one line on stderr and exits 2, without a traceback.
+
+Global flags (``--database-url``...) are accepted before and after the command: every parser,
+sub-commands included, is a :class:`CommandParser`, which adds them itself. A sub-command is
+therefore one ``commands.add_parser(...)`` line plus an entry in :func:`_command`. A flag that
+overrides a setting is declared with :func:`setting_option`, which takes its variable's name
+and default from the :class:`~consumer.settings.Settings` model, so the help cannot drift.
 """
 
 from __future__ import annotations
@@ -16,7 +22,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from consumer.settings import Settings
 
-EXIT_USAGE = 2
+EXIT_OK = 0
+EXIT_LIMIT = 1  # ``status``: a limit the operator set is crossed
+EXIT_USAGE = 2  # a bad flag or setting, a missing dependency, a schema that needs ``migrate``
+
+# Flags that override a setting keep their value under this prefix, so a sub-command's own
+# argument can never be mistaken for a setting of the same name.
+_SETTING = "setting:"
+
+EXIT_STATUSES = """\
+exit status:
+  0  done (status: every limit respected)
+  1  status: a limit is crossed (lag, pending age, broker unreachable)
+  2  a bad flag or setting, a missing optional dependency, a database that needs `migrate`
+"""
 
 
 def _exit_quietly(signum: int, frame: object) -> None:
@@ -33,42 +52,90 @@ def _stop_early_on_signals() -> None:
         signal.signal(sig, _exit_quietly)
 
 
+def setting_option(
+    parser: argparse._ActionsContainer, flag: str, field: str, text: str, **kwargs: Any
+) -> None:
+    """A flag that overrides the setting ``field``; its help ends with the variable and default."""
+    from consumer.settings import describe_setting
+
+    parser.add_argument(
+        flag,
+        dest=_SETTING + field,
+        default=argparse.SUPPRESS,  # absent: the environment (or the default) decides
+        metavar=kwargs.pop("metavar", field.rsplit("_", 1)[-1].upper()),
+        help=f"{text} ({describe_setting(field)})".replace("%", "%%"),
+        **kwargs,
+    )
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("global options (before or after the command)")
+    setting_option(group, "--bootstrap-servers", "kafka_bootstrap_servers",
+                   "Kafka bootstrap servers, host:port[,host:port]", metavar="SERVERS")
+    setting_option(group, "--database-url", "database_url",
+                   "postgresql://user:password@host:port/database", metavar="URL")
+    setting_option(group, "--group-id", "group_id",
+                   "the engine's Kafka consumer group", metavar="GROUP")
+    setting_option(group, "--metrics-port", "metrics_port",
+                   "port of /metrics, /healthz, /readyz; 0 turns it off", metavar="PORT",
+                   type=int)
+    setting_option(group, "--log-level", "log_level",
+                   "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL", type=str.upper)
+    setting_option(group, "--log-format", "log_format",
+                   "text or json", metavar="FORMAT")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of ``milestones`` and of each of its sub-commands (argparse builds those with
+    the class of their parent): each one accepts the global options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        _add_global_options(self)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from consumer.settings import environment_help
+
+    parser = CommandParser(
         prog="milestones",
         description="Milestone engine: Kafka sessions in, milestone congratulations out.",
+        epilog=environment_help() + "\n" + EXIT_STATUSES,
     )
-    parser.add_argument("--bootstrap-servers", dest="kafka_bootstrap_servers",
-                        help="overrides MILESTONES_KAFKA_BOOTSTRAP_SERVERS")
-    parser.add_argument("--database-url", dest="database_url",
-                        help="overrides MILESTONES_DATABASE_URL")
-    parser.add_argument("--group-id", dest="group_id", help="overrides MILESTONES_GROUP_ID")
-    parser.add_argument("--metrics-port", dest="metrics_port", type=int,
-                        help="overrides MILESTONES_METRICS_PORT")
-    parser.add_argument("--log-level", dest="log_level",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("migrate", help="create or upgrade the schema")
     commands.add_parser("run", help="run the service until SIGTERM/SIGINT")
     replay = commands.add_parser("replay", help="re-read the input topics until caught up")
     start = replay.add_mutually_exclusive_group()
     start.add_argument("--from-beginning", action="store_true",
-                       help="start every partition at its first offset")
+                       help="start every partition at its first offset (default: the replay"
+                            " group's committed offsets)")
     start.add_argument("--from-timestamp", metavar="T",
-                       help="start at the first record at or after T (ISO 8601)")
+                       help="start at the first record at or after T, ISO 8601 with an offset"
+                            " (default: the replay group's committed offsets)")
     replay.add_argument("--no-notify", action="store_true",
-                        help="suppress milestones reached by sessions older than the replay")
+                        help="suppress milestones reached by sessions older than the replay"
+                             " (default: notify as the live service would)")
     sweep = commands.add_parser("sweep", help="record every reached milestone that is missing")
-    sweep.add_argument("--year", type=int)
-    sweep.add_argument("--organization", metavar="UUID")
+    sweep.add_argument("--year", type=int,
+                       help="the year to sweep (default: the current year in MILESTONES_TIMEZONE)")
+    sweep.add_argument("--organization", metavar="UUID",
+                       help="only this organization's mentors (default: every organization)")
     reconcile = commands.add_parser("reconcile", help="compare annual_summary with the ledger")
-    reconcile.add_argument("--year", type=int)
-    reconcile.add_argument("--fix", action="store_true", help="repair the rows that differ")
+    reconcile.add_argument("--year", type=int,
+                           help="the year to compare (default: the current year in"
+                                " MILESTONES_TIMEZONE)")
+    reconcile.add_argument("--fix", action="store_true",
+                           help="repair the rows that differ (default: only report them)")
     reconcile.add_argument("--rebuild", action="store_true",
-                           help="recompute years and counts under the current settings")
+                           help="recompute years and counts under the current settings"
+                                " (default: off)")
     prune = commands.add_parser("prune", help="drop ledger rows of closed years")
-    prune.add_argument("--before-year", type=int, required=True)
-    prune.add_argument("--tombstone-days", type=int, default=400)
+    prune.add_argument("--before-year", type=int, required=True, metavar="YEAR",
+                       help="close every year before YEAR (required; no default)")
+    prune.add_argument("--tombstone-days", type=int, default=400, metavar="DAYS",
+                       help="also delete delete-markers older than DAYS days (default: 400)")
     commands.add_parser("status", help="counts, pending notifications, consumer lag")
     demo = commands.add_parser("demo", help="the engine on an embedded broker and Postgres")
     demo.add_argument("--seconds", type=float, default=None,
@@ -102,6 +169,15 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
     return table[args.command]()
 
 
+def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags, wherever on the command line they were."""
+    return {
+        name.removeprefix(_SETTING): value
+        for name, value in vars(args).items()
+        if name.startswith(_SETTING)
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _stop_early_on_signals()
     from consumer.ops.logs import configure_logging
@@ -109,14 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from consumer.store.errors import MigrationRequired
 
     args = _parser().parse_args(argv)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("kafka_bootstrap_servers", "database_url", "group_id", "metrics_port",
-                     "log_level")
-        if getattr(args, name, None) is not None
-    }
     try:
-        settings = load_settings(**overrides)
+        settings = load_settings(**setting_overrides(args))
         configure_logging(settings.log_level, settings.log_format)
         return _run(_command(args, settings))
     except (SettingsError, MigrationRequired) as error:

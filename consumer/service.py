@@ -205,6 +205,32 @@ async def run_service(
 async def _run_service(settings: Settings, stop: asyncio.Event, clock: ShutdownClock) -> int:
     metrics = Metrics()
     faults = FaultInjector(settings.fault_point, settings.fault_after)
+    # Everything local is checked before the consumer group is joined (the port here, the
+    # database and its schema next): a member that joins and then fails makes the live
+    # members rebalance for nothing.
+    health = HealthServer(metrics, lambda: False, settings.metrics_port)
+    await bind_health(health, settings)
+    try:
+        return await _run_with_health(settings, stop, clock, metrics, faults, health)
+    finally:
+        await health.stop()
+
+
+async def bind_health(health: HealthServer, settings: Settings) -> None:
+    """Bind the metrics port, or stop with a :class:`SettingsError` naming the variable."""
+    try:
+        await health.start()
+    except OSError as error:
+        raise SettingsError(
+            f"{ENV_PREFIX}METRICS_PORT: cannot listen on port {settings.metrics_port}"
+            f" ({error.strerror or error}): choose a free port, or 0 to turn the endpoints off"
+        ) from None
+
+
+async def _run_with_health(
+    settings: Settings, stop: asyncio.Event, clock: ShutdownClock, metrics: Metrics,
+    faults: FaultInjector, health: HealthServer,
+) -> int:
     pool = await open_pool(settings)
     drift_check: asyncio.Future[None] | None = None
     try:
@@ -222,7 +248,9 @@ async def _run_service(settings: Settings, stop: asyncio.Event, clock: ShutdownC
             await start_client(consumer, settings)
             tune_garbage_collector(settings.batch_max_records)
             try:
-                await _serve(settings, stop, clock, pool, consumer, dlq_producer, metrics, faults)
+                await _serve(
+                    settings, stop, clock, pool, consumer, dlq_producer, metrics, faults, health
+                )
             finally:
                 # Leaves the group, so the partitions move at once instead of after the
                 # session timeout; nothing is committed here.
@@ -247,6 +275,7 @@ async def _serve(
     dlq_producer: Any,
     metrics: Metrics,
     faults: FaultInjector,
+    health: HealthServer,
 ) -> None:
     probe = DatabaseProbe(pool)
     async with publisher_running(settings, metrics, faults, stop, clock) as publisher:
@@ -293,8 +322,7 @@ async def _serve(
         def ready() -> bool:
             return current.assigned_once and probe.reachable and not current.paused
 
-        health = HealthServer(metrics, ready, settings.metrics_port)
-        await health.start()
+        health.ready = ready
         probe_task = asyncio.ensure_future(probe.run(stop))
         log.info("consuming %s as group %s", ", ".join(settings.input_topics), settings.group_id)
         try:
@@ -302,8 +330,8 @@ async def _serve(
                 stop, shutdown_timeout_s=settings.shutdown_timeout_s * BATCH_SHARE_OF_SHUTDOWN
             )
         finally:
+            health.ready = lambda: False  # stopping: no longer a member to route traffic to
             probe_task.cancel()
-            await health.stop()
 
 
 # Tracked (container) objects a batch keeps alive per record: the validated model, its dict

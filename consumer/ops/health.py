@@ -13,11 +13,14 @@ log = logging.getLogger(__name__)
 
 
 class HealthServer:
-    """Serves the three endpoints; ``ready`` is asked on every /readyz request."""
+    """Serves the three endpoints; ``ready`` is asked on every /readyz request.
+
+    The service binds the port before anything else and sets ``ready`` once the engine exists.
+    """
 
     def __init__(self, metrics: Metrics, ready: Callable[[], bool], port: int) -> None:
         self._metrics = metrics
-        self._ready = ready
+        self.ready = ready
         self._port = port
         self._server: asyncio.Server | None = None
 
@@ -40,7 +43,7 @@ class HealthServer:
             elif path == "/healthz":
                 status, body, kind = 200, "ok\n", "text/plain"
             elif path == "/readyz":
-                ok = self._ready()
+                ok = self.ready()
                 status, body, kind = (200, "ready\n", "text/plain") if ok else (
                     503, "not ready\n", "text/plain")
             else:

@@ -213,3 +213,36 @@ async def test_the_fetch_wait_reaches_the_consumer(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MILESTONES_FETCH_MAX_WAIT_MS", "-1")
     with pytest.raises(SettingsError, match=r"^MILESTONES_FETCH_MAX_WAIT_MS:"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql://engine:secret@db:5432/milestones", None),
+        ("postgres://db/milestones", None),
+        ("postgresql:///milestones?host=/var/run/postgresql", None),
+        ("postgresql://engine:s%40cret@[::1]:5432/milestones", None),
+        ("postgresql://engine:pa:ss@db1:5432,db2:5433/milestones?sslmode=require", None),
+        ("postgresql+asyncpg://engine:secret@db/milestones", "scheme 'postgresql+asyncpg'"),
+        ("jdbc:postgresql://db/milestones", "scheme 'jdbc:postgresql'"),
+        ("db:5432/milestones", "not a URL"),
+        ("postgresql://db:99999/milestones", "port '99999'"),
+        ("postgresql://db:abc/milestones", "port 'abc'"),
+        ("postgresql://db:/milestones", "port ''"),
+        ("postgresql://[::1]:0/milestones", "port '0'"),
+        ("postgresql://db1:5432,db2:x/milestones", "port 'x'"),
+    ],
+)
+def test_an_unusable_database_url_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str | None
+) -> None:
+    monkeypatch.setenv("MILESTONES_DATABASE_URL", url)
+    if problem is None:
+        assert load_settings().require_database() == url
+        return
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith("MILESTONES_DATABASE_URL: ")
+    assert problem in message
+    assert "secret" not in message
