@@ -74,6 +74,8 @@ class BatchPlan:
     closed_year: int = 0
     envelopes: list[Envelope] = field(default_factory=list)
     logs_in_order: list[LogRow] = field(default_factory=list)  # ``logs`` by position
+    # Envelopes whose planning raised, with the exception: isolated, not in any row above.
+    unprocessable: list[tuple[Envelope, Exception]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -119,50 +121,58 @@ def plan_batch(
     preferences: dict[int, PreferenceRow] = {}
     year_of_session = year_of(tz)
     for envelope in envelopes:
-        event = envelope.event
-        if type(event) is ActivityLogged:
-            seconds = envelope.occurred_s
-            year = (
-                year_of_session(event.occurred_at) if seconds is None
-                else year_of_session.at(seconds, event.occurred_at)
-            )
-            if closed_through_year is not None and year <= closed_through_year:
-                plan.closed_year += 1
-                continue
-            key = event.activity_id.int
-            first = logs.get(key)
-            if first is not None:
-                if _same_session(first, event, year):
-                    plan.duplicates += 1
-                else:
-                    plan.conflicts += 1
-                continue
-            earlier_delete = deletes.get(key)
-            logs[key] = LogRow(
-                event.activity_id,
-                event.mentor_id,
-                event.organization_id,
-                year,
-                event.occurred_at,
-                event.activity_type,
-                earlier_delete is None
-                and (counted_types is None or event.activity_type in counted_types),
-                earlier_delete.deleted_at if earlier_delete else None,
-                envelope.position,
-                envelope.timestamp_ms,
-            )
-        elif isinstance(event, PreferencesChanged):
-            row = PreferenceRow(event.mentor_id, event.milestone_notifications, event.changed_at)
-            mentor = event.mentor_id.int
-            current = preferences.get(mentor)
-            if current is None or preference_wins(row, current):
-                preferences[mentor] = row
-        elif isinstance(event, ActivityDeleted):
-            key = event.activity_id.int
-            if key not in deletes:
-                deletes[key] = DeleteRow(
-                    event.activity_id, event.deleted_at, envelope.position, envelope.timestamp_ms
+        # The per-record guard: an exception while planning one envelope isolates it (the
+        # writer dead-letters it as ``unprocessable``) and the batch goes on. Each branch
+        # writes its row last, so a raise leaves nothing half planned. Free while nothing
+        # raises (zero-cost exception handling in CPython 3.11).
+        try:
+            event = envelope.event
+            if type(event) is ActivityLogged:
+                seconds = envelope.occurred_s
+                year = (
+                    year_of_session(event.occurred_at) if seconds is None
+                    else year_of_session.at(seconds, event.occurred_at)
                 )
+                if closed_through_year is not None and year <= closed_through_year:
+                    plan.closed_year += 1
+                    continue
+                key = event.activity_id.int
+                first = logs.get(key)
+                if first is not None:
+                    if _same_session(first, event, year):
+                        plan.duplicates += 1
+                    else:
+                        plan.conflicts += 1
+                    continue
+                earlier_delete = deletes.get(key)
+                logs[key] = LogRow(
+                    event.activity_id,
+                    event.mentor_id,
+                    event.organization_id,
+                    year,
+                    event.occurred_at,
+                    event.activity_type,
+                    earlier_delete is None
+                    and (counted_types is None or event.activity_type in counted_types),
+                    earlier_delete.deleted_at if earlier_delete else None,
+                    envelope.position,
+                    envelope.timestamp_ms,
+                )
+            elif isinstance(event, PreferencesChanged):
+                row = PreferenceRow(event.mentor_id, event.milestone_notifications, event.changed_at)
+                mentor = event.mentor_id.int
+                current = preferences.get(mentor)
+                if current is None or preference_wins(row, current):
+                    preferences[mentor] = row
+            elif isinstance(event, ActivityDeleted):
+                key = event.activity_id.int
+                if key not in deletes:
+                    deletes[key] = DeleteRow(
+                        event.activity_id, event.deleted_at, envelope.position, envelope.timestamp_ms
+                    )
+        except Exception as error:
+            plan.unprocessable.append((envelope, error))
+
     plan.preferences = [preferences[key] for key in sorted(preferences)]
     plan.logs_in_order = list(logs.values())  # dicts keep insertion, i.e. batch, order
     plan.logs = [logs[key] for key in sorted(logs)]

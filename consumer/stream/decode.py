@@ -17,6 +17,11 @@ from schemas.events import ActivityDeleted, ActivityLogged, InputEvent, Preferen
 
 MAX_VALUE_BYTES = 64 * 1024
 MAX_FUTURE_MS = 24 * 3600 * 1000
+# Timestamps are accepted for these years (as written, before applying the offset): the
+# range the year table covers. Outside it the year computation, or asyncpg's conversion to
+# UTC, can overflow (``0001-01-01T00:00:00+01:00`` is year 0 in UTC).
+MIN_YEAR = 1900
+MAX_YEAR = 2200
 
 _ADAPTER: TypeAdapter[Event] = TypeAdapter(InputEvent)
 
@@ -51,6 +56,15 @@ class Rejected:
 class Decoded:
     envelope: Envelope
     key_mismatch: bool
+
+
+def unprocessable(record: RawRecord, error: BaseException) -> Rejected:
+    """A record whose handling raised: isolated, the exception named in its ``error`` header."""
+    return Rejected(record, exception_reason(error), "unprocessable")
+
+
+def exception_reason(error: BaseException) -> str:
+    return f"unprocessable: {type(error).__name__}: {error}"
 
 
 def _reason(error: ValidationError) -> tuple[str, str]:
@@ -93,6 +107,9 @@ def decode(
             record, f"event_type {event.event_type} does not belong on {record.topic}",
             "unknown_event_type",
         )
+    out_of_range = _out_of_range(event)
+    if out_of_range is not None:
+        return Rejected(record, out_of_range, "out_of_range")
     stamp_ms = record.timestamp
     if not stamp_ms or stamp_ms <= 0:
         stamp_ms = now_ms if now_ms is not None else int(time.time() * 1000)
@@ -115,6 +132,19 @@ def decode(
         event, position, record.topic, record.partition, record.offset, stamp_ms, seconds
     )
     return Decoded(envelope, record.key != _key_of(event.mentor_id))
+
+
+def _out_of_range(event: Event) -> str | None:
+    """The reason when the event's timestamp is outside the supported years, else None."""
+    if isinstance(event, ActivityLogged):
+        field, stamp = "occurred_at", event.occurred_at
+    elif isinstance(event, PreferencesChanged):
+        field, stamp = "changed_at", event.changed_at
+    else:
+        field, stamp = "deleted_at", event.deleted_at
+    if MIN_YEAR <= stamp.year <= MAX_YEAR:
+        return None
+    return f"{field} year {stamp.year} is outside the years {MIN_YEAR} to {MAX_YEAR}"
 
 
 _KEYS: dict[int, bytes] = {}

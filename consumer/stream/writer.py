@@ -20,6 +20,7 @@ from consumer.ops.metrics import Metrics
 from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
 from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
 from consumer.store.retention import read_closed_through_year
+from consumer.stream.decode import exception_reason
 from schemas.events import PreferencesChanged
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,16 @@ class WriteOutcome:
     """What one batch did; ``refused`` are the envelopes the database would not take."""
 
     results: list[BatchResult] = field(default_factory=list)
-    refused: list[tuple[Envelope, str]] = field(default_factory=list)
+    # (envelope, one-line reason, reason kind): dead-lettered by the engine
+    refused: list[tuple[Envelope, str, str]] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
         return sum(result.pending for result in self.results)
+
+
+class Unprocessable(Exception):
+    """Writing a batch raised something other than the database being away or refusing."""
 
 
 class BatchWriter:
@@ -98,11 +104,17 @@ class BatchWriter:
         if not envelopes:
             return
         try:
-            outcome.results.append(await self._commit_with_retries(envelopes))
-        except RefusedContent as error:
+            outcome.results.append(await self._commit_with_retries(envelopes, outcome))
+        except (RefusedContent, Unprocessable) as error:
             if len(envelopes) == 1:
-                log.warning("database refused a message: %s", error)
-                outcome.refused.append((envelopes[0], f"database refused the message: {error}"))
+                if isinstance(error, RefusedContent):
+                    log.warning("database refused a message: %s", error)
+                    reason, kind = f"database refused the message: {error}", "refused_by_database"
+                else:
+                    log.error("isolated a message whose batch raised: %s", error,
+                              exc_info=error.__cause__)
+                    reason, kind = str(error), "unprocessable"
+                outcome.refused.append((envelopes[0], reason, kind))
                 return
             # Halve until the offender is alone; order is kept, and each half is a batch.
             middle = len(envelopes) // 2
@@ -124,7 +136,18 @@ class BatchWriter:
         except Exception as error:
             log.debug("could not read the closed-years watermark: %s", error)
 
-    async def _commit_with_retries(self, envelopes: list[Envelope]) -> BatchResult:
+    async def _commit_with_retries(
+        self, envelopes: list[Envelope], outcome: WriteOutcome
+    ) -> BatchResult:
+        """Plan and write ``envelopes``; retry while the database is away or conflicts.
+
+        Raises :class:`RefusedContent` when the database refuses a value, and
+        :class:`Unprocessable` when writing raised anything else that is not the database
+        being away (the evaluator meeting a value it cannot handle, say): both make
+        :meth:`_write` halve the batch until the offender is alone. An asyncpg error the store
+        does not classify (a missing table, a permission) concerns every record, so it stops
+        the engine instead of dead-lettering the stream.
+        """
         plan = plan_batch(
             envelopes,
             tz=self._options.tz,
@@ -148,6 +171,8 @@ class BatchWriter:
                     log.info("batch transaction conflicted (%s); retrying", mapped)
                     await asyncio.sleep(random.uniform(0, 0.05 * conflicts))
                     continue
+                if mapped is None and not isinstance(error, asyncpg.PostgresError):
+                    raise Unprocessable(exception_reason(error)) from error
                 if not isinstance(mapped, StoreUnavailable | StoreConflict):
                     raise
                 self._metrics.inc("milestones_batch_retries_total", cause="unavailable")
@@ -161,6 +186,11 @@ class BatchWriter:
             self._on_unavailable(False)
             self._metrics.set("milestones_last_batch_seconds", time.perf_counter() - started)
             self._record_metrics(plan.duplicates, result, plan.closed_year)
+            # Only now, with the rest committed: a retry of a refused batch plans again.
+            for envelope, raised in plan.unprocessable:
+                log.error("isolated a message whose planning raised: %s",
+                          exception_reason(raised), exc_info=raised)
+                outcome.refused.append((envelope, exception_reason(raised), "unprocessable"))
             return result
 
     def _record_metrics(
