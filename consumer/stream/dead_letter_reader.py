@@ -80,8 +80,8 @@ async def read_dead_letters(
     """
     deadline = time.monotonic() + timeout_s
     consumer = make_consumer(settings, group_id=None)
-    await asyncio.wait_for(consumer.start(), max(0.1, deadline - time.monotonic()))
     try:
+        await asyncio.wait_for(consumer.start(), max(0.1, deadline - time.monotonic()))
         return await _scan(consumer, settings.dlq_topic, since_ms, deadline, keep)
     finally:
         with contextlib.suppress(Exception):
