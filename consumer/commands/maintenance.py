@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from consumer.commands.common import command_pool, current_year
+from consumer.commands.common import command_pool, current_year, estimated_rows
+from consumer.ops.progress import Progress
 from consumer.settings import Settings, SettingsError
 from consumer.store.migrate import migrate
 from consumer.store.retention import close_years, delete_closed_sessions, delete_old_tombstones
@@ -54,7 +55,9 @@ async def prune_command(settings: Settings, *, before_year: int, tombstone_days:
         watermark = await close_years(connection, before_year - 1)
         if watermark > before_year - 1:
             print(f"years through {watermark} were already closed; the watermark stays there")
-        pruned = await delete_closed_sessions(connection, watermark)
+        rows = await estimated_rows(connection, "activity_ledger")
+        with Progress(f"prune through {watermark}", rows, unit="ledger rows") as progress:
+            pruned = await delete_closed_sessions(connection, watermark, on_chunk=progress.advance)
         tombstones = await delete_old_tombstones(connection, tombstone_days)
     log.info("prune: closed through %d, %d ledger row(s) and %d tombstone(s) deleted",
              watermark, pruned.deleted, tombstones)

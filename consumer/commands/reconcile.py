@@ -15,12 +15,14 @@ differences were found and left as they are.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
 
-from consumer.commands.common import command_pool, table
+from consumer.commands.common import command_pool, estimated_rows, table
+from consumer.ops.progress import Progress
 from consumer.settings import Settings
 from consumer.store import reconcile_sql
 from consumer.store.retention import read_closed_through_year
@@ -77,7 +79,10 @@ async def find_drift(
     ]
 
 
-async def fix_drift(pool: asyncpg.Pool, drift: list[Drift], *, chunk_keys: int = FIX_CHUNK_KEYS) -> int:
+async def fix_drift(
+    pool: asyncpg.Pool, drift: list[Drift], *, chunk_keys: int = FIX_CHUNK_KEYS,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
     """Set each listed row to the ledger's count as of the fix; return the rows changed.
 
     The list only says where to look: each chunk recounts under the row locks, so a batch
@@ -93,6 +98,8 @@ async def fix_drift(pool: asyncpg.Pool, drift: list[Drift], *, chunk_keys: int =
             await connection.execute(reconcile_sql.FIX_CREATE_MISSING, mentors, years)
             await connection.execute(reconcile_sql.FIX_LOCK, mentors, years)
             changed += len(await connection.fetch(reconcile_sql.FIX_SET, mentors, years))
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     return changed
 
 
@@ -110,6 +117,7 @@ async def rebuild_ledger(
     counted_types: frozenset[str] | None,
     closed_through_year: int | None,
     chunk_rows: int = REBUILD_CHUNK_ROWS,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> RebuildResult:
     """Recompute every open session's year and counted flag; move the counts by deltas."""
     result = RebuildResult()
@@ -125,6 +133,8 @@ async def rebuild_ledger(
         result.scanned += row["scanned"]
         result.changed += row["changed"]
         result.summaries += row["summaries"]
+        if on_chunk is not None:
+            on_chunk(row["scanned"])
         if row["scanned"] < chunk_rows:
             return result
         after, op = row["last_id"], ">"
@@ -138,10 +148,13 @@ async def reconcile_command(settings: Settings, *, year: int | None, fix: bool, 
                   " there is nothing to compare")
             return 0
         if rebuild:
-            rebuilt = await rebuild_ledger(
-                pool, timezone=settings.timezone, counted_types=settings.counted_activity_types,
-                closed_through_year=closed,
-            )
+            rows = await estimated_rows(pool, "activity_ledger")
+            with Progress("rebuild", rows, unit="ledger rows") as progress:
+                rebuilt = await rebuild_ledger(
+                    pool, timezone=settings.timezone,
+                    counted_types=settings.counted_activity_types, closed_through_year=closed,
+                    on_chunk=progress.advance,
+                )
             print(
                 f"rebuild under time zone {settings.timezone} and counted types "
                 f"{_types(settings.counted_activity_types)}: {rebuilt.scanned:,} ledger row(s)"
@@ -165,7 +178,8 @@ async def reconcile_command(settings: Settings, *, year: int | None, fix: bool, 
         if not (fix or rebuild):
             print("run again with --fix to set them to the ledger's count")
             return EXIT_DIFFERENCES
-        changed = await fix_drift(pool, drift)
+        with Progress("fix", len(drift), unit="mentor-years") as progress:
+            changed = await fix_drift(pool, drift, on_chunk=progress.advance)
         print(f"fixed {changed:,} row(s); run `milestones sweep` to record any milestone the"
               " new counts reach")
         return 0

@@ -43,6 +43,7 @@ from consumer.commands.common import command_pool, wait_until_sent
 from consumer.domain.batch import Envelope, Event
 from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
+from consumer.ops.progress import format_duration
 from consumer.service import (
     batch_options,
     install_stop_signals,
@@ -172,15 +173,6 @@ class _SkipDeadLetters:
 
 
 # --- progress --------------------------------------------------------------------------------
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 @dataclass(slots=True)
 class Progress:
     """Events done, lag left, rate and time left: one rewritten line on a terminal, a log line

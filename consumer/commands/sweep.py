@@ -16,12 +16,19 @@ import time
 from uuid import UUID
 
 from consumer.commands.common import command_pool, current_year, publish_and_wait, table
+from consumer.ops.progress import Progress
 from consumer.settings import Settings, SettingsError
 from consumer.store.sweep_sql import SweepRules, sweep_year
 
 log = logging.getLogger(__name__)
 
 CHUNK_MENTORS = 1_000
+
+# The progress total: the mentor-years the chunks will walk through.
+_MENTOR_YEARS = """
+SELECT count(*)::int FROM annual_summary
+WHERE year = $1 AND ($2::uuid IS NULL OR organization_id = $2)
+"""
 
 
 async def sweep_command(settings: Settings, *, year: int | None, organization: str | None) -> int:
@@ -38,7 +45,11 @@ async def sweep_command(settings: Settings, *, year: int | None, organization: s
     )
     started = time.monotonic()
     async with command_pool(settings) as pool:
-        result = await sweep_year(pool, rules, chunk_mentors=CHUNK_MENTORS)
+        total = await pool.fetchval(_MENTOR_YEARS, rules.year, rules.organization_id)
+        with Progress(f"sweep {rules.year}", total, unit="mentor-years") as progress:
+            result = await sweep_year(
+                pool, rules, chunk_mentors=CHUNK_MENTORS, on_chunk=progress.advance
+            )
         swept_s = time.monotonic() - started
         log.info(
             "sweep %d: %d mentor(s) in %d chunk(s), %d record(s) in %.2f s",

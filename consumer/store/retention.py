@@ -12,6 +12,7 @@ the role that runs ``migrate``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -87,9 +88,11 @@ class PruneResult:
 
 
 async def delete_closed_sessions(
-    connection: asyncpg.Connection, watermark: int, *, chunk_rows: int = 10_000
+    connection: asyncpg.Connection, watermark: int, *, chunk_rows: int = 10_000,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> PruneResult:
-    """Delete the ledger rows of years ``<= watermark``, one short transaction per chunk."""
+    """Delete the ledger rows of years ``<= watermark``, one short transaction per chunk;
+    ``on_chunk`` hears the rows scanned by each chunk (the command's progress)."""
     result = PruneResult()
     after, op = NIL, ">="
     while True:
@@ -97,6 +100,8 @@ async def delete_closed_sessions(
         assert row is not None
         result.scanned += row["scanned"]
         result.deleted += row["deleted"]
+        if on_chunk is not None:
+            on_chunk(row["scanned"])
         if row["scanned"] < chunk_rows:
             return result
         after, op = row["last_id"], ">"

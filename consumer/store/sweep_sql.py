@@ -16,7 +16,7 @@ One chunk is one transaction of three statements, in the engine's lock order:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -149,9 +149,11 @@ async def _insert(
 
 
 async def sweep_year(
-    pool: asyncpg.Pool, rules: SweepRules, *, chunk_mentors: int = 1_000
+    pool: asyncpg.Pool, rules: SweepRules, *, chunk_mentors: int = 1_000,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> SweepResult:
-    """Every mentor-year of ``rules.year`` (of one organization, if given), chunk by chunk."""
+    """Every mentor-year of ``rules.year`` (of one organization, if given), chunk by chunk;
+    ``on_chunk`` hears the mentor-years of each chunk done (the command's progress)."""
     total = SweepResult(chunks=0)
     after: UUID | None = None
     while True:
@@ -163,5 +165,7 @@ async def sweep_year(
         total.by_status.update(chunk.by_status)
         total.by_milestone.update(chunk.by_milestone)
         total.lost_races += chunk.lost_races
+        if on_chunk is not None:
+            on_chunk(chunk.mentors)
         if after is None:
             return total
