@@ -28,6 +28,7 @@ from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.errors import StoreUnavailable
 from consumer.store.migrate import ensure_schema
 from consumer.store.postgres import BatchOptions, connect_pool
+from consumer.store.reconcile_sql import ledger_rows_estimate, startup_drift
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
 from consumer.stream.kafka import make_consumer, make_producer
@@ -238,8 +239,8 @@ async def _run_with_health(
             applied = await ensure_schema(connection)
         if applied:
             log.info("applied %d migration(s) at start", len(applied))
-        # In the background: without an index on (mentor, year) the recount is a scan of the
-        # ledger, and consuming should not wait for a check that only writes a log line.
+        # In the background and bounded in time: without an index on (mentor, year) the
+        # recount is a scan of the ledger, and consuming should not wait for a log line.
         drift_check = asyncio.ensure_future(report_summary_drift(pool, settings))
         consumer = make_consumer(settings, group_id=settings.group_id)
         dlq_producer = make_producer(settings)
@@ -357,22 +358,36 @@ def tune_garbage_collector(batch_max_records: int) -> None:
     gc.set_threshold(max(50_000, 2 * _OBJECTS_PER_RECORD * batch_max_records), 20, 100)
 
 
-async def report_summary_drift(pool: asyncpg.Pool, settings: Settings) -> None:
-    """At start: say in the log when annual_summary disagrees with the ledger this year."""
-    from consumer.commands.reconcile import summary_drift  # the reconcile command owns the SQL
+# The start-up drift check may spend this long scanning the ledger (see startup_drift).
+STARTUP_DRIFT_BUDGET_S = 5.0
 
+
+async def report_summary_drift(
+    pool: asyncpg.Pool, settings: Settings, *, budget_s: float = STARTUP_DRIFT_BUDGET_S
+) -> None:
+    """At start, in the background: say in the log when annual_summary disagrees with the
+    ledger this year. Bounded: on a ledger too large to recount within ``budget_s`` it says
+    so and leaves the full check to ``milestones reconcile``."""
+    year = time_year(settings)
     try:
-        year = time_year(settings)
-        async with pool.acquire() as connection:
-            drift = await summary_drift(connection, year, limit=5)
+        found = await startup_drift(pool, year, budget_s=budget_s)
+        if found is None:
+            async with pool.acquire() as connection:
+                rows = await ledger_rows_estimate(connection)
     except Exception as error:  # a start-up check must never stop the service
         log.warning("could not compare annual_summary with the ledger: %s", error)
         return
-    if drift:
+    if found is None:
+        log.info(
+            "annual_summary not compared with the ledger: the recount of %d did not finish"
+            " within %g s (ledger of about %s rows); `milestones reconcile --year %d` compares"
+            " it in full", year, budget_s, f"{rows:,}", year,
+        )
+    elif found.differing:
         log.warning(
             "annual_summary differs from the ledger for %d mentor(s) in %d (e.g. %s);"
             " run `milestones reconcile --year %d --fix`",
-            len(drift), year, drift[0].mentor_id, year,
+            found.differing, year, found.examples[0].mentor_id, year,
         )
     else:
         log.info("annual_summary agrees with the ledger for %d", year)

@@ -62,7 +62,8 @@ async def connect_pool(
                 max_size=max_size,
                 server_settings=SERVER_SETTINGS if statement_timeouts else UNBOUNDED_SETTINGS,
                 timeout=min(5.0, timeout_s),
-                command_timeout=60,
+                # The client-side bound matches the server's: none for the long statements.
+                command_timeout=60 if statement_timeouts else None,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as error:
             if isinstance(error, asyncpg.InvalidCatalogNameError | asyncpg.InvalidPasswordError):

@@ -11,7 +11,8 @@ import asyncpg
 import pytest
 
 from consumer.commands.common import current_year
-from consumer.commands.reconcile import find_drift, fix_drift, reconcile_command
+from consumer.commands.reconcile import reconcile_command
+from consumer.store.reconcile_sql import find_drift, fix_drift, startup_drift
 from tests.integration.operations import settings_from, summary, uuid, write_events
 from tests.support import events
 
@@ -56,8 +57,8 @@ async def test_reconcile_lists_a_tampered_summary_and_fix_repairs_it(
 async def test_fix_waits_for_a_batch_in_flight_and_keeps_its_session(
     db: asyncpg.Connection, engine_env: dict[str, str], database_url: str
 ) -> None:
-    """A batch holding the summary row (its ledger row not yet visible) when the fix starts:
-    the fix must count after that batch commits, not from the snapshot it started with."""
+    """A batch holding the summary row (its ledger row not yet visible to the count) when the
+    repair reaches it: the repair waits, then adds the drift to the committed value."""
     settings = settings_from(engine_env)
     year = current_year(settings)
     mentor = events.new_id()
@@ -125,3 +126,67 @@ async def test_rebuild_after_a_time_zone_change_moves_sessions_to_their_new_year
     # Under the old rules again, the rebuild puts everything back.
     assert await reconcile_command(oslo, year=None, fix=False, rebuild=True) == 0
     assert await summary(db) == {(mentor, 2025): 0, (mentor, 2026): 3}
+
+
+async def test_a_batch_committed_between_the_count_and_the_repair_is_kept(
+    db: asyncpg.Connection, engine_env: dict[str, str], database_url: str
+) -> None:
+    """The count takes no lock; the repair adds the drift to the value the row holds then."""
+    settings = settings_from(engine_env)
+    year = current_year(settings)
+    mentor, missing = events.new_id(), events.new_id()
+    await write_events(settings, [
+        events.logged(mentor, occurred_at=f"{year}-01-05T10:00:00+01:00"),
+        events.logged(missing, occurred_at=f"{year}-01-05T10:00:00+01:00"),
+    ])
+    await db.execute("UPDATE annual_summary SET session_count = 9 WHERE user_id = $1", uuid(mentor))
+    await db.execute("DELETE FROM annual_summary WHERE user_id = $1", uuid(missing))
+    drift = await find_drift(db, year, None)
+    assert sorted((str(item.mentor_id), item.difference) for item in drift) == sorted(
+        [(mentor, -8), (missing, 1)]
+    )
+    # Two more sessions for each, committed after the count and before the repair.
+    await write_events(settings, [
+        events.logged(who, occurred_at=f"{year}-01-0{day}T10:00:00+01:00")
+        for who in (mentor, missing) for day in (6, 7)
+    ])
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        fixed = await fix_drift(pool, drift)
+    finally:
+        await pool.close()
+
+    assert fixed.rows == 2
+    assert fixed.chunks == 1
+    assert await summary(db) == {(mentor, year): 3, (missing, year): 3}
+    assert await find_drift(db, None, None) == []
+    organization = await db.fetchval(
+        "SELECT organization_id FROM annual_summary WHERE user_id = $1", uuid(missing))
+    assert str(organization) == events.ORG
+
+
+async def test_the_start_up_check_reports_drift_and_gives_up_within_its_budget(
+    db: asyncpg.Connection, engine_env: dict[str, str], database_url: str
+) -> None:
+    settings = settings_from(engine_env)
+    year = current_year(settings)
+    mentors = [events.new_id() for _ in range(7)]
+    await write_events(settings, [
+        events.logged(m, occurred_at=f"{year}-01-05T10:00:00+01:00") for m in mentors
+    ])
+    await db.execute("UPDATE annual_summary SET session_count = 5")
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        found = await startup_drift(pool, year, budget_s=5)
+        assert found is not None
+        assert found.differing == 7
+        assert len(found.examples) == 5
+        # A ledger too large for the budget: the database cancels the scan, the check says so.
+        await db.execute(
+            "INSERT INTO activity_ledger (activity_id, mentor_id, organization_id, year,"
+            " occurred_at, activity_type, counted)"
+            " SELECT gen_random_uuid(), gen_random_uuid(), $1, $2, now(), 'session', true"
+            " FROM generate_series(1, 300000)", uuid(events.ORG), year)
+        assert await startup_drift(pool, year, budget_s=0.01) is None
+    finally:
+        await pool.close()
