@@ -25,10 +25,11 @@ from consumer.faults import FaultInjector
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import Metrics
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
+from consumer.store.catalog import estimated_rows
 from consumer.store.errors import StoreUnavailable
 from consumer.store.migrate import ensure_schema
 from consumer.store.postgres import BatchOptions, connect_pool
-from consumer.store.reconcile_sql import ledger_rows_estimate, startup_drift
+from consumer.store.reconcile_sql import startup_drift
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
 from consumer.stream.kafka import make_consumer, make_producer
@@ -372,8 +373,7 @@ async def report_summary_drift(
     try:
         found = await startup_drift(pool, year, budget_s=budget_s)
         if found is None:
-            async with pool.acquire() as connection:
-                rows = await ledger_rows_estimate(connection)
+            rows = await estimated_rows(pool, "activity_ledger")
     except Exception as error:  # a start-up check must never stop the service
         log.warning("could not compare annual_summary with the ledger: %s", error)
         return
@@ -381,7 +381,7 @@ async def report_summary_drift(
         log.info(
             "annual_summary not compared with the ledger: the recount of %d did not finish"
             " within %g s (ledger of about %s rows); `milestones reconcile --year %d` compares"
-            " it in full", year, budget_s, f"{rows:,}", year,
+            " it in full", year, budget_s, "?" if rows is None else f"{rows:,}", year,
         )
     elif found.differing:
         log.warning(

@@ -31,16 +31,6 @@ SELECT count(*)::int FROM scenario_notifications WHERE id = ANY($1::uuid[]) AND 
 """
 
 
-_ESTIMATED_ROWS = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)"
-
-
-async def estimated_rows(db: asyncpg.Pool | asyncpg.Connection, table: str) -> int | None:
-    """The planner's estimate of a table's rows, free where ``count(*)`` reads the table
-    (a progress total); ``None`` before the table was first analyzed."""
-    value = await db.fetchval(_ESTIMATED_ROWS, table)
-    return int(value) if value is not None and value >= 0 else None
-
-
 def current_year(settings: Settings) -> int:
     """The year of now in the configured time zone (the sweep's and status's default)."""
     return datetime.now(UTC).astimezone(settings.tz).year

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-from consumer.commands.common import command_pool, current_year, estimated_rows
+from consumer.commands.common import command_pool, current_year
 from consumer.ops.progress import Progress
 from consumer.settings import Settings, SettingsError
+from consumer.store.catalog import estimated_rows
 from consumer.store.migrate import migrate
 from consumer.store.retention import close_years, delete_closed_sessions, delete_old_tombstones
 

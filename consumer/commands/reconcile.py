@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 
-from consumer.commands.common import command_pool, estimated_rows, table
+from consumer.commands.common import command_pool, table
 from consumer.ops.progress import Progress
 from consumer.settings import Settings
+from consumer.store.catalog import estimated_rows
 from consumer.store.reconcile_sql import (
     Drift,
     find_drift,

@@ -142,9 +142,6 @@ SELECT (SELECT activity_id FROM chunk ORDER BY activity_id DESC LIMIT 1) AS last
        (SELECT count(*) FROM summed)::int AS summaries
 """
 
-_LEDGER_ROWS_ESTIMATE = "SELECT reltuples::bigint FROM pg_class WHERE oid = 'activity_ledger'::regclass"
-
-
 @dataclass(frozen=True, slots=True)
 class Drift:
     """One (mentor, year) whose summary differs from its ledger, both as of one snapshot."""
@@ -200,11 +197,6 @@ async def startup_drift(pool: asyncpg.Pool, year: int, *, budget_s: float) -> St
         for row in rows
     ]
     return StartupDrift(year, int(rows[0]["differing"]) if rows else 0, examples)
-
-
-async def ledger_rows_estimate(connection: asyncpg.Connection) -> int:
-    """The planner's estimate of the ledger's size (free: no scan); -1 before any ANALYZE."""
-    return int(await connection.fetchval(_LEDGER_ROWS_ESTIMATE))
 
 
 @asynccontextmanager
