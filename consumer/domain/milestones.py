@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID, uuid5
 
 NOTIFICATION_NAMESPACE = UUID("6f1c2a8e-4d3b-5a7f-9e21-0c8b7d6a5f43")
@@ -41,6 +41,24 @@ def normalize_thresholds(values: Iterable[int]) -> tuple[int, ...]:
     if any(value <= 0 for value in result):
         raise ValueError("thresholds must be positive integers")
     return result
+
+
+def stored_thresholds(raw: Sequence[Any]) -> tuple[int, ...] | None:
+    """A ``milestone_thresholds`` row's array, normalized; None when the engine cannot use it.
+
+    The database's CHECK refuses NULL elements and nested arrays; a row that slipped past it
+    (a constraint dropped by hand, a schema not yet migrated) must stay that organization's
+    problem instead of an exception that stops every batch. Costs one ``sorted(set())`` and one
+    comparison per mentor-year of an organization with its own row, as before.
+    """
+    try:
+        values = tuple(sorted(set(raw)))
+    except TypeError:  # a nested list (unhashable), or None beside numbers
+        return None
+    # Sorted: the first element is the smallest, so one check covers every element.
+    if values and not (type(values[0]) is int and values[0] > 0):
+        return None
+    return values
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,9 @@ _COUNTERS = {
     "milestones_readback_hits_total": "Pending rows found already on the topic by the read-back.",
     "milestones_offset_commit_failures_total": "Offset commits skipped (rebalance in progress).",
     "milestones_abandoned_batches_total": "Batches abandoned uncommitted (revocation, shutdown).",
+    "milestones_threshold_rows_invalid_total": (
+        "Batches times organizations whose milestone_thresholds row was unusable (milestones wait)."
+    ),
 }
 _GAUGES = {
     "milestones_consumer_lag": "High watermark minus position, per input partition.",

@@ -17,7 +17,7 @@ import asyncpg
 
 from consumer.domain.batch import BatchPlan, Removed, YearChange, tally, thresholds_for
 from consumer.domain.calendar import is_late
-from consumer.domain.milestones import MilestoneRecord, decide
+from consumer.domain.milestones import MilestoneRecord, decide, stored_thresholds
 from consumer.store import batch_sql
 from consumer.store.errors import StoreError, StoreUnavailable, classify
 
@@ -89,6 +89,8 @@ class BatchResult:
     conflicts: int = 0
     records: list[MilestoneRecord] = field(default_factory=list)
     pending: int = 0
+    # organizations whose milestone_thresholds row could not be used: their milestones wait
+    invalid_thresholds: set[UUID] = field(default_factory=set)
 
 
 _LOG_COLUMNS = attrgetter(
@@ -177,10 +179,14 @@ async def _apply(
     other_thresholds = await _thresholds_of_other_organizations(connection, contexts, changes)
 
     # Every organization's own row seen by this batch; thresholds_for applies the default.
-    overrides = dict(other_thresholds)
+    overrides = {
+        organization_id: _usable(organization_id, raw, result)
+        for organization_id, raw in other_thresholds.items()
+    }
     for context in contexts:
         if context["thresholds"] is not None:
-            overrides[context["organization_id"]] = tuple(sorted(set(context["thresholds"])))
+            organization_id = context["organization_id"]
+            overrides[organization_id] = _usable(organization_id, context["thresholds"], result)
 
     def thresholds_of(organization_id: UUID) -> tuple[int, ...]:
         return thresholds_for(organization_id, overrides, options.default_thresholds)
@@ -213,11 +219,25 @@ async def _apply(
     return result
 
 
+def _usable(organization_id: UUID, raw: Sequence[Any], result: BatchResult) -> tuple[int, ...]:
+    """An organization's own thresholds; none (its milestones wait) when its row is unusable.
+
+    Waiting, not the default: an organization with its own row chose other thresholds than the
+    default (possibly none at all), and a notification sent cannot be taken back. Once the row
+    is fixed, the mentor's next event or ``milestones sweep`` records what was reached meanwhile.
+    """
+    thresholds = stored_thresholds(raw)
+    if thresholds is None:
+        result.invalid_thresholds.add(organization_id)
+        return ()
+    return thresholds
+
+
 async def _thresholds_of_other_organizations(
     connection: asyncpg.Connection,
     contexts: Sequence[asyncpg.Record],
     changes: dict[tuple[UUID, int], YearChange],
-) -> dict[UUID, tuple[int, ...]]:
+) -> dict[UUID, Sequence[Any]]:
     """Thresholds of organizations a mentor-year had earlier in the batch than its last one.
 
     Rare (a mentor moving between organizations within one batch), so it costs a statement
@@ -240,7 +260,7 @@ async def _thresholds_of_other_organizations(
         " WHERE organization_id = ANY($1::uuid[])",
         sorted(others),
     )
-    return {row["organization_id"]: tuple(sorted(set(row["thresholds"]))) for row in rows}
+    return {row["organization_id"]: row["thresholds"] for row in rows}
 
 
 __all__ = ["BatchOptions", "BatchResult", "StoreError", "apply_batch", "connect_pool"]

@@ -48,7 +48,13 @@ SELECT s.user_id, s.organization_id, s.session_count, m.value AS milestone_value
 FROM annual_summary s
 CROSS JOIN clock
 LEFT JOIN milestone_thresholds t ON t.organization_id = s.organization_id
-CROSS JOIN LATERAL (SELECT DISTINCT unnest(coalesce(t.thresholds, $3::int[])) AS value) m
+CROSS JOIN LATERAL (
+    SELECT DISTINCT unnest(coalesce(t.thresholds, $3::int[])) AS value
+    -- A row with a NULL element or nested arrays (past the CHECK of migration 0003) is not
+    -- used: that organization's milestones wait, as in the batch (stored_thresholds).
+    WHERE CASE WHEN coalesce(array_ndims(t.thresholds), 1) = 1
+               THEN array_position(t.thresholds, NULL) IS NULL ELSE false END
+) m
 LEFT JOIN mentor_preferences p ON p.mentor_id = s.user_id
 WHERE s.year = $1 AND s.user_id = ANY($2::uuid[])
   AND s.organization_id IS NOT NULL

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from uuid import UUID
 
 import asyncpg
 
@@ -75,6 +76,7 @@ class BatchWriter:
         # Lanes back off at the same time during an outage; one waits (and polls) at a time.
         self._wait_lock = asyncio.Lock()
         self.closed_through_year: int | None = None
+        self._invalid_logged_at: dict[UUID, float] = {}
         self._closed_read_at = float("-inf")
 
     async def write(self, envelopes: Sequence[Envelope]) -> WriteOutcome:
@@ -203,6 +205,8 @@ class BatchWriter:
         metrics.inc("milestones_events_total", result.removed_sessions, outcome="removed")
         metrics.inc("milestones_events_total", result.conflicts, outcome="conflict")
         metrics.inc("milestones_events_total", in_batch_duplicates, outcome="duplicate")
+        if result.invalid_thresholds:
+            self._report_invalid_thresholds(result.invalid_thresholds)
         if result.conflicts:
             log.warning("%d activity.logged conflicted with an earlier log of the same id",
                         result.conflicts)
@@ -212,3 +216,16 @@ class BatchWriter:
                 "milestone %d recorded for mentor %s year %d (%s)",
                 record.milestone_value, record.mentor_id, record.year, record.status,
             )
+
+    def _report_invalid_thresholds(self, organizations: set[UUID]) -> None:
+        """Counted per batch and organization; logged once a minute per organization."""
+        self._metrics.inc("milestones_threshold_rows_invalid_total", len(organizations))
+        now = time.monotonic()
+        for organization_id in sorted(organizations):
+            if now - self._invalid_logged_at.get(organization_id, float("-inf")) >= 60:
+                self._invalid_logged_at[organization_id] = now
+                log.error(
+                    "milestone_thresholds row of organization %s is unusable (a NULL element or"
+                    " a nested array): its milestones wait until the row is fixed, then"
+                    " `milestones sweep` records them", organization_id,
+                )

@@ -18,3 +18,13 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on this test's own database, not migrated yet."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()

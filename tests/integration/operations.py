@@ -60,15 +60,21 @@ async def write_events(
             pool, batch_options(settings, suppress_before_ms=suppress_before_ms), Metrics(),
             counted_types=settings.counted_activity_types,
         )
-        stamp = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        envelopes = [
-            Envelope(EVENT_ADAPTER.validate_json(json.dumps(event)), position, "t", 0, position, stamp)
-            for position, event in enumerate(events)
-        ]
-        outcome = await writer.write(envelopes)
+        outcome = await writer.write(envelopes_of(events, timestamp_ms=timestamp_ms))
         assert not outcome.refused
     finally:
         await pool.close()
+
+
+def envelopes_of(
+    events: Sequence[Mapping[str, Any]], *, timestamp_ms: int | None = None
+) -> list[Envelope]:
+    """The events as one batch of decoded envelopes (topic ``t``, partition 0)."""
+    stamp = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+    return [
+        Envelope(EVENT_ADAPTER.validate_json(json.dumps(event)), position, "t", 0, position, stamp)
+        for position, event in enumerate(events)
+    ]
 
 
 async def summary(connection: asyncpg.Connection) -> dict[tuple[str, int], int]:

@@ -18,6 +18,7 @@ import pytest
 
 from consumer.domain import batch as batch_module
 from consumer.domain.batch import Envelope, plan_batch
+from consumer.domain.milestones import stored_thresholds
 from consumer.ops.metrics import Metrics
 from consumer.stream import engine as engine_module
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS, Decoded, Rejected, decode
@@ -176,3 +177,23 @@ def test_decoding_isolates_a_record_whose_decoding_raises(
     assert rejected[0].reason == "unprocessable: ZeroDivisionError: injected"
     assert metrics.value("milestones_dead_letters_total", reason="unprocessable") == 1
     assert "ZeroDivisionError" in caplog.text
+
+
+# --- a thresholds row as the database returns it ------------------------------------------
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ([], ()),
+        ([200, 50, 50], (50, 200)),
+        ([50, None], None),
+        ([None], None),
+        ([[50, 100], [200, 300]], None),
+        ([0, 5], None),
+        ([True], None),
+    ],
+)
+def test_stored_thresholds_normalizes_a_usable_row_and_refuses_the_rest(
+    raw: list[Any], expected: tuple[int, ...] | None
+) -> None:
+    assert stored_thresholds(raw) == expected
