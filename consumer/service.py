@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from consumer.faults import FaultInjector
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import Metrics
+from consumer.ops.probes import BrokerContact, PendingGauge
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.catalog import estimated_rows
 from consumer.store.errors import StoreUnavailable
@@ -320,12 +321,17 @@ async def _serve(
         )
         consumer.subscribe(list(settings.input_topics), listener=engine.listener)
         current = engine
+        broker = BrokerContact(consumer, metrics, limit_s=settings.kafka_session_timeout_ms / 1000)
 
         def ready() -> bool:
-            return current.assigned_once and probe.reachable and not current.paused
+            return (current.assigned_once and probe.reachable and not current.paused
+                    and broker.reached())
 
         health.ready = ready
-        probe_task = asyncio.ensure_future(probe.run(stop))
+        probe_tasks = [
+            asyncio.ensure_future(task.run(stop))
+            for task in (probe, broker, PendingGauge(pool, metrics))
+        ]
         log.info("consuming %s as group %s", ", ".join(settings.input_topics), settings.group_id)
         try:
             await engine.run(
@@ -333,7 +339,8 @@ async def _serve(
             )
         finally:
             health.ready = lambda: False  # stopping: no longer a member to route traffic to
-            probe_task.cancel()
+            for task in probe_tasks:
+                task.cancel()
 
 
 # Tracked (container) objects a batch keeps alive per record: the validated model, its dict

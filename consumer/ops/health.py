@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from consumer.ops.metrics import Metrics
+from consumer.ops.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,15 @@ class HealthServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = request.split(b" ", 2)[1].decode("ascii", "replace").split("?")[0]
             if path == "/metrics":
-                status, body, kind = 200, self._metrics.render(), "text/plain; version=0.0.4"
+                status, payload, kind = 200, self._metrics.render(), CONTENT_TYPE
             elif path == "/healthz":
-                status, body, kind = 200, "ok\n", "text/plain"
+                status, payload, kind = 200, b"ok\n", "text/plain"
             elif path == "/readyz":
                 ok = self.ready()
-                status, body, kind = (200, "ready\n", "text/plain") if ok else (
-                    503, "not ready\n", "text/plain")
+                status, payload, kind = (200, b"ready\n", "text/plain") if ok else (
+                    503, b"not ready\n", "text/plain")
             else:
-                status, body, kind = 404, "not found\n", "text/plain"
-            payload = body.encode()
+                status, payload, kind = 404, b"not found\n", "text/plain"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"

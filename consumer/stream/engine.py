@@ -41,6 +41,7 @@ from aiokafka.errors import KafkaError
 
 from consumer.domain.batch import Envelope, Event
 from consumer.faults import FaultInjector
+from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
 from consumer.stream.dead_letters import send_dead_letters
 from consumer.stream.decode import Decoded, RawRecord, Rejected, decode, unprocessable
@@ -145,6 +146,8 @@ class Engine:
         for tp in revoked:
             self._carry.pop(tp, None)
             self._next_offsets.pop(tp, None)
+            # Its lag is the next owner's to report; a stale series would be summed twice.
+            self._metrics.remove("milestones_consumer_lag", topic=tp.topic, partition=str(tp.partition))
         if revoked:
             self._generation += 1  # a batch fetched before now is filtered before it is handled
 
@@ -356,7 +359,8 @@ class Engine:
             await self._dead_letter(refused)
         self._faults.reached("after_db_commit")
         # 3. offsets, only for partitions still ours
-        await self._commit(batch)
+        if await self._commit(batch):
+            self._observe_counting_latency(batch)
         self._faults.reached("after_offset_commit")
         self.events_done += len(records)
         # 4. the publisher
@@ -385,12 +389,17 @@ class Engine:
                 if result.key_mismatch:
                     self._metrics.inc("milestones_key_mismatch_total")
                     log.info("key differs from mentor_id at %s[%d]@%d; the value is used",
-                             record.topic, record.partition, record.offset)
+                             record.topic, record.partition, record.offset,
+                             extra=fields(topic=record.topic, partition=record.partition,
+                                          offset=record.offset,
+                                          mentor_id=result.envelope.event.mentor_id))
             else:
                 rejected.append(result)
                 self._metrics.inc("milestones_dead_letters_total", reason=result.kind)
                 log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition,
-                            record.offset, result.reason)
+                            record.offset, result.reason,
+                            extra=fields(topic=record.topic, partition=record.partition,
+                                         offset=record.offset))
         return envelopes, rejected
 
     async def _dead_letter(self, rejected: Sequence[Rejected]) -> None:
@@ -406,7 +415,24 @@ class Engine:
                 await self.idle_poll(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
 
-    async def _commit(self, batch: Batch) -> None:
+    def _observe_counting_latency(self, batch: Batch) -> None:
+        """One observation per committed batch: record timestamp to now, for its oldest record.
+
+        The oldest is taken among the first record of each partition (the lowest offset, which
+        carries the oldest timestamp unless a producer set them out of order): O(partitions),
+        not O(records), on the hot path. As the whole batch commits at once, that record's
+        latency bounds every other record's in the batch from above.
+        """
+        oldest_ms = min(
+            (records[0].timestamp for records in batch.values() if records), default=0
+        )
+        if oldest_ms > 0:
+            self._metrics.observe(
+                "milestones_counting_latency_seconds", max(0.0, time.time() - oldest_ms / 1000)
+            )
+
+    async def _commit(self, batch: Batch) -> bool:
+        """Step 3; True when the offsets were committed."""
         owned = self._consumer.assignment()
         offsets = {
             tp: records[-1].offset + 1
@@ -415,7 +441,7 @@ class Engine:
         }
         self._abandon.clear()
         if not offsets:
-            return
+            return False
         # Bounded: aiokafka waits for a coordinator indefinitely while the broker is away. A
         # skipped commit only means the batch is read again; the next commit covers it.
         committing = asyncio.ensure_future(
@@ -434,15 +460,17 @@ class Engine:
             # coordinator, typically): sent now, it would carry the next generation.
             self._metrics.inc("milestones_offset_commit_failures_total")
             log.warning("offset commit skipped (batch abandoned at revocation)")
-            return
+            return False
         error = committing.exception()
         if isinstance(error, AssertionError) or broker_trouble(error):
             # A rebalance took the partitions (or the broker is away): the next owner repeats
             # the batch harmlessly.
             self._metrics.inc("milestones_offset_commit_failures_total")
             log.warning("offset commit skipped (%s)", type(error).__name__)
-        elif error is not None:
+            return False
+        if error is not None:
             raise error
+        return True
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

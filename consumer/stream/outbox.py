@@ -53,6 +53,7 @@ from aiokafka.errors import KafkaTimeoutError
 from pydantic import ValidationError
 
 from consumer.faults import FaultInjector
+from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
@@ -96,7 +97,7 @@ SET status = 'published', published_at = now(),
     published_partition = s.sent_partition, published_offset = s.sent_offset
 FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS s(id, sent_partition, sent_offset)
 WHERE n.id = s.id AND n.status = 'pending'
-RETURNING n.id
+RETURNING n.id, extract(epoch FROM now() - n.created_at)::float8 AS waited_s
 """
 
 # The read-back has read each partition to its high watermark: that is where the next one
@@ -420,6 +421,7 @@ class Publisher:
     async def _publish_some(self) -> int:
         connection = self._connection
         assert connection is not None
+        started = time.perf_counter()
         # On the lease connection: a row list read here proves the lease was still held.
         rows = await self._db(connection.fetch(_SELECT_PENDING, self._settings.publisher_batch_max))
         if rows and rows[0]["suppressed"]:
@@ -435,7 +437,8 @@ class Publisher:
                 if row["id"] not in self._unsendable:
                     self._unsendable.add(row["id"])
                     log.error("publisher: pending row %s cannot be sent (%s)", row["id"],
-                              " ".join(str(error).split()))
+                              " ".join(str(error).split()),
+                              extra=fields(notification_id=row["id"], mentor_id=row["user_id"]))
         if self._on_topic_unrecorded:
             sendable = await self._mark_seen(connection, sendable)
         rows = [row for row, _ in sendable]
@@ -470,9 +473,15 @@ class Publisher:
         if not acked:
             return 0
         self._faults.reached("after_send_ack")
-        await self._db(self._mark_sent(connection, acked))
+        waited = await self._db(self._mark_sent(connection, acked))
         self._faults.reached("after_mark_published")
         self._metrics.inc("milestones_published_total", len(acked))
+        # Per notification: the round already does a send per row, and rows are few.
+        for seconds in waited:
+            self._metrics.observe("milestones_notification_latency_seconds", max(0.0, seconds))
+        self._metrics.observe(
+            "milestones_publisher_round_duration_seconds", time.perf_counter() - started
+        )
         self.published += len(acked)
         return len(rows)
 
@@ -497,10 +506,15 @@ class Publisher:
             self._metrics.inc("milestones_readback_hits_total", len(rows))
         return [(row, message) for row, message in sendable if row["id"] not in seen]
 
-    async def _mark_sent(self, connection: asyncpg.Connection, acked: list[tuple[UUID, Any]]) -> None:
-        """Step 5, one transaction on the lease connection: a lost lease marks nothing."""
+    async def _mark_sent(
+        self, connection: asyncpg.Connection, acked: list[tuple[UUID, Any]]
+    ) -> list[float]:
+        """Step 5, one transaction on the lease connection: a lost lease marks nothing.
+
+        Returns, per row marked, the seconds from its creation to now by the database clock
+        (the notification latency, free of any clock skew between hosts)."""
         async with connection.transaction():
-            await connection.fetch(
+            marked = await connection.fetch(
                 _MARK_PUBLISHED,
                 [nid for nid, _ in acked],
                 [meta.partition for _, meta in acked],
@@ -515,6 +529,7 @@ class Publisher:
                 await connection.execute(
                     _ADVANCE_POSITIONS, self._topic, list(ends), list(ends.values())
                 )
+        return [row["waited_s"] for row in marked]
 
 
 async def _start_or_stop(client: Any) -> None:

@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from consumer.domain.batch import Envelope, plan_batch, split_lanes
+from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
 from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
 from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
@@ -109,12 +110,17 @@ class BatchWriter:
             outcome.results.append(await self._commit_with_retries(envelopes, outcome))
         except (RefusedContent, Unprocessable) as error:
             if len(envelopes) == 1:
+                envelope = envelopes[0]
+                where = fields(topic=envelope.topic, partition=envelope.partition,
+                               offset=envelope.offset, mentor_id=envelope.event.mentor_id,
+                               activity_id=getattr(envelope.event, "activity_id", None))
                 if isinstance(error, RefusedContent):
-                    log.warning("database refused a message: %s", error)
+                    log.warning("database refused the message at %s[%d]@%d: %s", envelope.topic,
+                                envelope.partition, envelope.offset, error, extra=where)
                     reason, kind = f"database refused the message: {error}", "refused_by_database"
                 else:
                     log.error("isolated a message whose batch raised: %s", error,
-                              exc_info=error.__cause__)
+                              exc_info=error.__cause__, extra=where)
                     reason, kind = str(error), "unprocessable"
                 outcome.refused.append((envelopes[0], reason, kind))
                 return
@@ -186,7 +192,9 @@ class BatchWriter:
                 conflicts = 0
                 continue
             self._on_unavailable(False)
-            self._metrics.set("milestones_last_batch_seconds", time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self._metrics.set("milestones_last_batch_seconds", took)
+            self._metrics.observe("milestones_batch_duration_seconds", took)
             self._record_metrics(plan.duplicates, result, plan.closed_year)
             # Only now, with the rest committed: a retry of a refused batch plans again.
             for envelope, raised in plan.unprocessable:
@@ -215,6 +223,8 @@ class BatchWriter:
             log.info(
                 "milestone %d recorded for mentor %s year %d (%s)",
                 record.milestone_value, record.mentor_id, record.year, record.status,
+                extra=fields(mentor_id=record.mentor_id, activity_id=record.activity_id,
+                             notification_id=record.id),
             )
 
     def _report_invalid_thresholds(self, organizations: set[UUID]) -> None:
