@@ -136,7 +136,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="close every year before YEAR (required; no default)")
     prune.add_argument("--tombstone-days", type=int, default=400, metavar="DAYS",
                        help="also delete delete-markers older than DAYS days (default: 400)")
-    commands.add_parser("status", help="counts, pending notifications, consumer lag")
+    status = commands.add_parser(
+        "status", help="counts, pending notifications, consumer lag, today's dead letters;"
+                       " exit 1 when a limit is crossed",
+        epilog="exit status: 0 every limit respected, 1 a limit crossed,"
+               " 2 a bad setting or a database unreachable or without the schema",
+    )
+    status.add_argument("--json", action="store_true",
+                        help="one JSON document instead of tables (default: tables)")
+    setting_option(status, "--timeout", "status_timeout_s",
+                   "seconds to wait for the broker before reporting it unreachable",
+                   metavar="SECONDS", type=float)
+    setting_option(status, "--max-lag", "status_max_lag",
+                   "exit 1 when the group's total lag is above N; unset: not checked",
+                   metavar="N", type=int)
+    setting_option(status, "--max-pending-age", "status_max_pending_age_s",
+                   "exit 1 when the oldest pending notification waits longer; unset: not"
+                   " checked", metavar="SECONDS", type=float)
+    setting_option(status, "--max-dead-letters", "status_max_dead_letters_today",
+                   "exit 1 when more messages than N were dead-lettered today; unset: not"
+                   " checked", metavar="N", type=int)
+    setting_option(status, "--broker-required", "status_broker_required",
+                   "exit 1 when the broker cannot be reached (--no-broker-required: report it"
+                   " only)", action=argparse.BooleanOptionalAction)
     demo = commands.add_parser("demo", help="the engine on an embedded broker and Postgres")
     demo.add_argument("--seconds", type=float, default=None,
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
@@ -163,7 +185,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
         "prune": lambda: maintenance.prune_command(
             settings, before_year=args.before_year, tombstone_days=args.tombstone_days
         ),
-        "status": lambda: status.status_command(settings),
+        "status": lambda: status.status_command(settings, as_json=args.json),
         "demo": lambda: demo.demo_command(settings, seconds=args.seconds),
     }
     return table[args.command]()

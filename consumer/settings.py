@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     publisher_batch_max: int = Field(500, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    status_timeout_s: float = Field(5.0, gt=0, le=300)
+    status_max_lag: int | None = Field(None, ge=0)
+    status_max_pending_age_s: float | None = Field(None, ge=0)
+    status_max_dead_letters_today: int | None = Field(None, ge=0)
+    status_broker_required: bool = True
 
     @field_validator("thresholds", mode="before")
     @classmethod

@@ -7,39 +7,16 @@ member with a bad setting never makes the live members rebalance.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.engine import REPO_ROOT, EngineLauncher
+from tests.support.engine import EngineLauncher, assert_one_line, milestones
 
 pytestmark = pytest.mark.e2e
-
-CLEAN_ENV = {key: value for key, value in os.environ.items() if not key.startswith("MILESTONES_")}
-
-
-def milestones(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", *args], env={**CLEAN_ENV, **(env or {})},
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
-
-
-def assert_one_line(result: subprocess.CompletedProcess[str], *expected: str) -> str:
-    """Exit 2, nothing but one line on stderr that contains each of ``expected``."""
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
 
 @pytest.mark.parametrize(
     ("url", "expected"),

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from consumer.embedded import free_port
 
@@ -52,6 +53,33 @@ async def http_get(host: str, port: int, path: str, timeout_s: float = 2.0) -> t
         return await asyncio.wait_for(exchange(), timeout_s)
     except asyncio.IncompleteReadError as exc:
         raise OSError(f"connection closed early by {host}:{port}") from exc
+
+
+CLEAN_ENV = {key: value for key, value in os.environ.items() if not key.startswith("MILESTONES_")}
+
+
+def milestones(
+    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 60.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``milestones *args`` to its end: the shell's ``MILESTONES_*`` variables dropped,
+    ``env`` added; output captured unless ``kwargs`` say otherwise."""
+    if "stdout" not in kwargs and "stderr" not in kwargs:
+        kwargs["capture_output"] = True
+    return subprocess.run(
+        [*ENGINE_COMMAND, *args], env={**CLEAN_ENV, **(env or {})}, cwd=REPO_ROOT, text=True,
+        timeout=timeout_s, stdin=subprocess.DEVNULL, check=False, **kwargs,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+    """Exit 2 and nothing but one line on stderr, which contains each of ``expected``."""
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
 
 
 class EngineProcess:
