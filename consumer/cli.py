@@ -33,7 +33,7 @@ _SETTING = "setting:"
 EXIT_STATUSES = """\
 exit status:
   0  done (status: every limit respected)
-  1  status: a limit is crossed (lag, pending age, broker unreachable)
+  1  status: a limit is crossed (lag, pending age, dead letters today, broker unreachable)
   2  a bad flag or setting, a missing optional dependency, a database that needs `migrate`
 """
 
