@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = Field(5.0, gt=0)
     transaction_retries: int = Field(5, ge=0)
     batch_lanes: int = Field(2, ge=1, le=16)
-    publisher_batch_max: int = Field(500, ge=1)
+    publisher_batch_max: int = Field(5_000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     status_timeout_s: float = Field(5.0, gt=0, le=300)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+import struct
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.conn import AIOKafkaConnection, CloseReason
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from consumer.settings import Settings
+from consumer.stream.teardown import within
 
 log = logging.getLogger(__name__)
+
+_Client = TypeVar("_Client", AIOKafkaConsumer, AIOKafkaProducer)
+
+# The publisher builds one record batch per partition and round; Kafka's default limit for a
+# record batch (``message.max.bytes``) is about 1 MiB, so half of it leaves room.
+PUBLISHER_MAX_BATCH_BYTES = 512 * 1024
 
 
 def tolerate_closed_transports() -> None:
@@ -56,12 +66,13 @@ def broker_trouble(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and "handler is closed" in str(error)
 
 
-def make_producer(settings: Settings, *, retry_internally: bool = True) -> AIOKafkaProducer:
+def make_producer(settings: Settings, *, for_publisher: bool = False) -> AIOKafkaProducer:
     """A producer with ``acks=all``.
 
-    ``retry_internally=False`` is for the notification publisher: without idempotence, an
-    internal re-send after a lost response can write a record twice, so the publisher wants the
-    error instead and settles the doubt itself by reading the topic back.
+    ``for_publisher`` is the notification publisher's: without idempotence, an internal re-send
+    after a lost response can write a record twice, so the publisher wants the error instead
+    and settles the doubt itself by reading the topic back; and it hands over whole record
+    batches (``send_batch``), up to ``PUBLISHER_MAX_BATCH_BYTES`` each.
     """
     tolerate_closed_transports()
     producer = AIOKafkaProducer(
@@ -70,11 +81,22 @@ def make_producer(settings: Settings, *, retry_internally: bool = True) -> AIOKa
         enable_idempotence=settings.enable_idempotence,
         request_timeout_ms=settings.kafka_request_timeout_ms,
         linger_ms=0,
+        max_batch_size=PUBLISHER_MAX_BATCH_BYTES if for_publisher else 16384,
         client_id="milestone-engine",
     )
-    if not retry_internally and not settings.enable_idempotence:
+    if for_publisher and not settings.enable_idempotence:
         _disable_internal_retries(producer)
     return producer
+
+
+async def started(client: _Client) -> _Client:
+    """Start an aiokafka client; one that fails to start is stopped, not leaked."""
+    try:
+        await client.start()
+    except BaseException:
+        await within(client.stop(), 5.0, "stopping a client that did not start")
+        raise
+    return client
 
 
 def _disable_internal_retries(producer: Any) -> None:
@@ -107,3 +129,41 @@ def make_consumer(settings: Settings, *, group_id: str | None, **extra: Any) -> 
         client_id="milestone-engine",
         **extra,
     )
+
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+@functools.cache
+def _words(length: int) -> struct.Struct:
+    return struct.Struct(f"<{length // 4}I")
+
+
+def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition the default producer (Java's and aiokafka's) chooses for ``key``.
+
+    The publisher builds its record batches per partition itself, so it must choose as the
+    default partitioner would: a mentor's notifications keep going to one partition whoever
+    produced them. aiokafka's murmur2 walks the key byte by byte in Python and was a fifth of
+    the publisher's time; this one reads four bytes at a time and gives the same hash (a test
+    compares them on random keys).
+    """
+    length = len(key)
+    h = 0x9747B28C ^ length
+    whole = length & ~3
+    for k in _words(whole).unpack_from(key):
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        h = ((h * _M) & _MASK) ^ ((k * _M) & _MASK)
+    extra = length & 3
+    if extra:
+        if extra >= 3:
+            h ^= key[whole + 2] << 16
+        if extra >= 2:
+            h ^= key[whole + 1] << 8
+        h = ((h ^ key[whole]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return partitions[(h & 0x7FFFFFFF) % len(partitions)]
