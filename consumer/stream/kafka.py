@@ -66,13 +66,15 @@ def broker_trouble(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and "handler is closed" in str(error)
 
 
-def make_producer(settings: Settings, *, for_publisher: bool = False) -> AIOKafkaProducer:
+def make_producer(
+    settings: Settings, *, retry_internally: bool = True, max_batch_bytes: int = 16384
+) -> AIOKafkaProducer:
     """A producer with ``acks=all``.
 
-    ``for_publisher`` is the notification publisher's: without idempotence, an internal re-send
-    after a lost response can write a record twice, so the publisher wants the error instead
-    and settles the doubt itself by reading the topic back; and it hands over whole record
-    batches (``send_batch``), up to ``PUBLISHER_MAX_BATCH_BYTES`` each.
+    ``retry_internally=False`` is for the notification publisher: without idempotence, an
+    internal re-send after a lost response can write a record twice, so the publisher wants the
+    error instead and settles the doubt itself by reading the topic back. The publisher also
+    hands over whole record batches (``send_batch``), up to ``PUBLISHER_MAX_BATCH_BYTES``.
     """
     tolerate_closed_transports()
     producer = AIOKafkaProducer(
@@ -81,10 +83,10 @@ def make_producer(settings: Settings, *, for_publisher: bool = False) -> AIOKafk
         enable_idempotence=settings.enable_idempotence,
         request_timeout_ms=settings.kafka_request_timeout_ms,
         linger_ms=0,
-        max_batch_size=PUBLISHER_MAX_BATCH_BYTES if for_publisher else 16384,
+        max_batch_size=max_batch_bytes,
         client_id="milestone-engine",
     )
-    if for_publisher and not settings.enable_idempotence:
+    if not retry_internally and not settings.enable_idempotence:
         _disable_internal_retries(producer)
     return producer
 

@@ -40,7 +40,13 @@ from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
 from consumer.store.outbox_sql import ADVANCE_POSITIONS, MARK_PUBLISHED, SELECT_PENDING
-from consumer.stream.kafka import broker_trouble, make_producer, partition_for_key, started
+from consumer.stream.kafka import (
+    PUBLISHER_MAX_BATCH_BYTES,
+    broker_trouble,
+    make_producer,
+    partition_for_key,
+    started,
+)
 from consumer.stream.publisher_lease import PublisherLease, on_lease
 from consumer.stream.read_back import HEADER, ReadBack
 from consumer.stream.teardown import within
@@ -158,7 +164,9 @@ class Publisher:
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
-            self._producer = await started(make_producer(self._settings, for_publisher=True))
+            self._producer = await started(make_producer(
+                self._settings, retry_internally=False, max_batch_bytes=PUBLISHER_MAX_BATCH_BYTES
+            ))
         return self._producer
 
     # 3-5. one round of sends
