@@ -17,7 +17,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -34,7 +34,8 @@ EXIT_STATUSES = """\
 exit status:
   0  done (status: every limit respected)
   1  status: a limit is crossed (lag, pending age, dead letters today, broker unreachable)
-  2  a bad flag or setting, a missing optional dependency, a database that needs `migrate`
+  2  a bad flag or setting (one line on stderr), a missing optional dependency, a database
+     that needs `migrate`
 """
 
 
@@ -93,6 +94,10 @@ class CommandParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         _add_global_options(self)
+
+    def error(self, message: str) -> NoReturn:
+        """A bad flag is one line too, like a bad setting (argparse would print the usage)."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

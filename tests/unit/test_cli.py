@@ -95,3 +95,25 @@ def test_milestones_help_lists_every_variable_and_the_exit_statuses() -> None:
     assert "exit status" in result.stdout
     assert "MILESTONES_THRESHOLDS" in result.stdout
     assert "50,100,200" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["status", "--metrics-port", "abc"], "--metrics-port: invalid int value: 'abc'"),
+        (["status", "--max-lag", "many"], "--max-lag: invalid int value"),
+        (["status", "--bogus"], "unrecognized arguments: --bogus"),
+        (["prune"], "--before-year"),
+        (["launch"], "invalid choice: 'launch'"),
+        ([], "COMMAND"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_exit_2(argv: list[str], expected: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", *argv], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+    assert "--help" in result.stderr
