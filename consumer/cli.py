@@ -164,14 +164,52 @@ def _parser() -> argparse.ArgumentParser:
     setting_option(status, "--broker-required", "status_broker_required",
                    "exit 1 when the broker cannot be reached (--no-broker-required: report it"
                    " only)", action=argparse.BooleanOptionalAction)
+    _operator_commands(commands)
     demo = commands.add_parser("demo", help="the engine on an embedded broker and Postgres")
     demo.add_argument("--seconds", type=float, default=None,
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
     return parser
 
 
+def _operator_commands(commands: Any) -> None:
+    """``mentor``, ``thresholds`` and ``dead-letters``: the support questions, without SQL."""
+    mentor = commands.add_parser("mentor", help="one mentor's year: count, thresholds, "
+                                 "opt-out, each milestone and why it was (not) sent")
+    mentor.add_argument("mentor_id", metavar="MENTOR_ID")
+    mentor.add_argument("--year", type=int,
+                        help="calendar year (default: this year in MILESTONES_TIMEZONE)")
+    mentor.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    thresholds = commands.add_parser("thresholds", help="list, set or unset an organization's "
+                                     "thresholds (kept on MILESTONES_THRESHOLDS_TOPIC)")
+    actions = thresholds.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every organization's row, with the previous value")
+    listing.add_argument("--history", action="store_true", help="also every change, in order")
+    setting = actions.add_parser("set", help="set ORG's thresholds, e.g. 10,25,50 "
+                                 "(none: no milestones for ORG)")
+    setting.add_argument("organization", metavar="ORG")
+    setting.add_argument("values", metavar="T1,T2,...")
+    unsetting = actions.add_parser("unset", help="remove ORG's row: the default applies again")
+    unsetting.add_argument("organization", metavar="ORG")
+    dead = commands.add_parser("dead-letters", help="rejected messages: source position, "
+                               "reason, a prefix of the value")
+    dead.add_argument("--since", metavar="T", help="only those dead-lettered at or after T "
+                      "(ISO 8601, e.g. 2026-03-14 or 2026-03-14T10:00+01:00; default: all)")
+    dead.add_argument("--reason", metavar="KIND", help="only this kind, e.g. invalid_json "
+                      "(the error header's first word; default: all)")
+    dead.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
 def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any, int]:
-    from consumer.commands import demo, maintenance, replay, status, sweep
+    from consumer.commands import (
+        dead_letters,
+        demo,
+        maintenance,
+        mentor,
+        replay,
+        status,
+        sweep,
+        thresholds,
+    )
     from consumer.service import run_service
 
     table: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
@@ -192,6 +230,16 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
         ),
         "status": lambda: status.status_command(settings, as_json=args.json),
         "demo": lambda: demo.demo_command(settings, seconds=args.seconds),
+        "mentor": lambda: mentor.mentor_command(
+            settings, mentor=args.mentor_id, year=args.year, as_json=args.json
+        ),
+        "thresholds": lambda: thresholds.thresholds_command(
+            settings, action=args.action, organization=getattr(args, "organization", None),
+            values=getattr(args, "values", None), show_history=getattr(args, "history", False),
+        ),
+        "dead-letters": lambda: dead_letters.dead_letters_command(
+            settings, since=args.since, reason=args.reason, as_json=args.json
+        ),
     }
     return table[args.command]()
 

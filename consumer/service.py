@@ -36,6 +36,7 @@ from consumer.stream.engine import Engine
 from consumer.stream.kafka import make_consumer, make_producer
 from consumer.stream.outbox import Publisher
 from consumer.stream.teardown import within
+from consumer.stream.thresholds_topic import restore_thresholds
 from consumer.stream.writer import BatchWriter
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ async def _run_with_health(
             applied = await ensure_schema(connection)
         if applied:
             log.info("applied %d migration(s) at start", len(applied))
+        await restore_thresholds(settings, pool, strict=False)  # before joining the group
         # In the background and bounded in time: without an index on (mentor, year) the
         # recount is a scan of the ledger, and consuming should not wait for a log line.
         drift_check = asyncio.ensure_future(report_summary_drift(pool, settings))

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     preferences_topic: str = Field("mentor-preferences", min_length=1)
     notification_topic: str = Field("milestone-notifications", min_length=1)
     dlq_topic: str = Field("activity-logged.dlq", min_length=1)
+    thresholds_topic: str = Field("milestone-thresholds", min_length=1)
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
     kafka_request_timeout_ms: int = Field(15_000, ge=1_000)
     thresholds: Annotated[tuple[int, ...], NoDecode] = (50, 100, 200)

@@ -106,3 +106,18 @@ class MilestoneReached(_Message):
     activity_id: UUID | None
     reached_at: datetime
     created_at: datetime
+
+
+class ThresholdsChanged(_Message):
+    """An organization's thresholds, as set by ``milestones thresholds`` (key: the organization).
+
+    Written to the compacted thresholds topic, and read back by ``run`` at start and by
+    ``replay`` to restore ``milestone_thresholds``. ``thresholds``: ``[]`` means no milestones
+    for that organization; ``null`` removes its row, so the default thresholds apply again.
+    """
+
+    event_type: Literal["thresholds.changed"] = "thresholds.changed"
+    schema_version: SchemaVersion = SUPPORTED_SCHEMA_VERSION
+    organization_id: UUID
+    thresholds: list[Annotated[StrictInt, Field(gt=0)]] | None
+    changed_at: AwareDatetime

@@ -16,7 +16,7 @@ import asyncpg
 from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.service import open_pool, publisher_running
-from consumer.settings import Settings
+from consumer.settings import Settings, SettingsError
 from consumer.store.migrate import ensure_schema
 from consumer.stream.outbox import Publisher
 
@@ -29,6 +29,14 @@ PUBLISH_WAIT_S = 60.0
 _STILL_PENDING = """
 SELECT count(*)::int FROM scenario_notifications WHERE id = ANY($1::uuid[]) AND status = 'pending'
 """
+
+
+def parse_uuid(text: str, what: str) -> UUID:
+    """A command-line id, or a :class:`SettingsError` (one line, exit 2) naming the argument."""
+    try:
+        return UUID(text)
+    except ValueError:
+        raise SettingsError(f"{what}: not a UUID: {text!r}") from None
 
 
 def current_year(settings: Settings) -> int:

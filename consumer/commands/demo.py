@@ -52,6 +52,7 @@ def _say(text: str) -> None:
 async def demo_command(settings: Settings, *, seconds: float | None) -> int:
     from consumer.embedded import async_embedded_broker, async_embedded_postgres, create_topics
     from consumer.service import install_stop_signals, run_service
+    from consumer.stream.thresholds_topic import ensure_topic as ensure_thresholds_topic
 
     require_embedded_extra(settings)
     stop = asyncio.Event()
@@ -85,6 +86,7 @@ async def demo_command(settings: Settings, *, seconds: float | None) -> int:
             {settings.activity_topic: 4, settings.preferences_topic: 2,
              settings.notification_topic: 2, settings.dlq_topic: 1},
         )
+        await ensure_thresholds_topic(settings)
         _say(f"broker {bootstrap}; thresholds {', '.join(map(str, settings.thresholds))};"
              " Ctrl-C to stop\n")
         engine = asyncio.ensure_future(run_service(settings, stop, install_signals=False))

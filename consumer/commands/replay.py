@@ -56,6 +56,7 @@ from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
 from consumer.stream.kafka import make_consumer
 from consumer.stream.outbox import Publisher
+from consumer.stream.thresholds_topic import restore_thresholds
 from consumer.stream.writer import BatchWriter, WriteOutcome
 
 log = logging.getLogger(__name__)
@@ -349,6 +350,7 @@ async def replay_command(
     faults = FaultInjector(None)
     report = ReplayReport()
     async with command_pool(settings) as pool:
+        await restore_thresholds(settings, pool, strict=True)  # before any session is evaluated
         partitions = await input_partitions(settings)
         await warn_about_removed_history(settings, pool, partitions)
         options = batch_options(settings, suppress_before_ms=started_ms if no_notify else None)

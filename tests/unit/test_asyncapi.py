@@ -93,5 +93,5 @@ def test_channel_addresses_are_the_default_topic_names(document: dict[str, Any])
     addresses = {channel["address"] for channel in document["channels"].values()}
     assert {
         defaults["activity_topic"], defaults["preferences_topic"],
-        defaults["notification_topic"], defaults["dlq_topic"],
+        defaults["notification_topic"], defaults["dlq_topic"], defaults["thresholds_topic"],
     } <= addresses

@@ -204,6 +204,7 @@ def test_one_schema_file_per_message_model() -> None:
         "activity.logged.schema.json",
         "milestone.reached.schema.json",
         "preferences.changed.schema.json",
+        "thresholds.changed.schema.json",
     ]
 
 
@@ -223,7 +224,7 @@ def test_check_lists_stale_files_and_write_fixes_them(
     out = ["--out", str(tmp_path)]
     assert generate.main(["--check", *out]) == 1
     err = capsys.readouterr().err
-    assert err.count("stale: ") == 4
+    assert err.count("stale: ") == len(generate.expected_files())
     assert "activity.logged.schema.json" in err
 
     assert generate.main(out) == 0
@@ -335,10 +336,11 @@ def test_asyncapi_document_structure() -> None:
     assert document["asyncapi"] == "3.0.0"
     channels = document["channels"]
     assert {c["address"] for c in channels.values()} == {
-        "activity-logged", "mentor-preferences", "milestone-notifications", "activity-logged.dlq"
+        "activity-logged", "mentor-preferences", "milestone-notifications", "activity-logged.dlq",
+        "milestone-thresholds",
     }
     actions = {name: op["action"] for name, op in document["operations"].items()}
-    assert sorted(actions.values()) == ["receive", "receive", "send", "send"]
+    assert sorted(actions.values()) == ["receive", "receive", "receive", "send", "send", "send"]
     headers = document["components"]["messages"]["deadLetter"]["headers"]
     assert set(headers["required"]) == {"error", "source_topic", "source_partition",
                                         "source_offset"}
