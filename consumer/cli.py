@@ -178,12 +178,13 @@ def _operator_commands(commands: Any) -> None:
     mentor.add_argument("mentor_id", metavar="MENTOR_ID")
     mentor.add_argument("--year", type=int,
                         help="calendar year (default: this year in MILESTONES_TIMEZONE)")
-    mentor.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    mentor.add_argument("--json", action="store_true", help="one JSON object instead of text (default: text)")
     thresholds = commands.add_parser("thresholds", help="list, set or unset an organization's "
                                      "thresholds (kept on MILESTONES_THRESHOLDS_TOPIC)")
     actions = thresholds.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="every organization's row, with the previous value")
-    listing.add_argument("--history", action="store_true", help="also every change, in order")
+    listing.add_argument("--history", action="store_true",
+                         help="also every change, in order (default: rows only)")
     setting = actions.add_parser("set", help="set ORG's thresholds, e.g. 10,25,50 "
                                  "(none: no milestones for ORG)")
     setting.add_argument("organization", metavar="ORG")
@@ -196,7 +197,7 @@ def _operator_commands(commands: Any) -> None:
                       "(ISO 8601, e.g. 2026-03-14 or 2026-03-14T10:00+01:00; default: all)")
     dead.add_argument("--reason", metavar="KIND", help="only this kind, e.g. invalid_json "
                       "(the error header's first word; default: all)")
-    dead.add_argument("--json", action="store_true", help="one JSON object per line")
+    dead.add_argument("--json", action="store_true", help="one JSON object per line (default: text lines)")
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any, int]:
