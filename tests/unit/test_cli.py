@@ -117,3 +117,10 @@ def test_a_bad_flag_is_one_line_and_exit_2(argv: list[str], expected: str) -> No
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert expected in result.stderr
     assert "--help" in result.stderr
+
+
+def test_the_readme_lists_every_variable() -> None:
+    readme = (REPO_ROOT / "README.md").read_text("utf-8")
+    missing = [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields
+               if f"`{ENV_PREFIX}{field.upper()}`" not in readme]
+    assert not missing, f"add to the README's settings table: {missing}"
