@@ -77,6 +77,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Engine:
+    # How a rejected record is logged; a replay, which does not send it again, says so.
+    rejected_label = "dead letter"
+
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
@@ -396,8 +399,8 @@ class Engine:
             else:
                 rejected.append(result)
                 self._metrics.inc("milestones_dead_letters_total", reason=result.kind)
-                log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition,
-                            record.offset, result.reason,
+                log.warning("%s %s[%d]@%d: %s", self.rejected_label, record.topic,
+                            record.partition, record.offset, result.reason,
                             extra=fields(topic=record.topic, partition=record.partition,
                                          offset=record.offset))
         return envelopes, rejected

@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import AIOKafkaConnection, CloseReason
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from consumer.settings import Settings
 from consumer.stream.teardown import within
@@ -169,3 +170,36 @@ def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
     h = (h * _M) & _MASK
     h ^= h >> 15
     return partitions[(h & 0x7FFFFFFF) % len(partitions)]
+
+
+async def high_watermarks(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], *, timeout_s: float
+) -> dict[TopicPartition, int]:
+    """The end (high watermark) of each of ``tps``, which ``consumer`` has assigned.
+
+    ``end_offsets()`` (ListOffsets) answers the end on Kafka, but on Tansu the base offset of
+    the partition's last batch: a lower bound either way. A fetch from there returns at most
+    that last batch, and every fetch response carries the true high watermark. The consumer's
+    positions move, and each partition is paused once its end is known. ``KafkaTimeoutError``
+    when the broker has not answered for every partition within ``timeout_s``.
+    """
+    if not tps:
+        return {}
+    lower: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
+    for tp in tps:
+        consumer.seek(tp, lower[tp])
+    ends: dict[TopicPartition, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for tp in tps:
+            high = consumer.highwater(tp)
+            if tp not in ends and high is not None:
+                ends[tp] = high
+                consumer.pause(tp)
+        missing = [tp for tp in tps if tp not in ends]
+        if not missing:
+            return ends
+        if time.monotonic() > deadline:
+            named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in missing[:5])
+            raise KafkaTimeoutError(f"no high watermark for {named} after {timeout_s:g} s")
+        await consumer.getmany(*missing, timeout_ms=200, max_records=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -12,7 +13,14 @@ import pytest
 from aiokafka import TopicPartition
 
 from consumer.commands.common import current_year
-from consumer.commands.replay import StartingPoint, history_gaps, replay_command
+from consumer.commands.replay import (
+    StartingPoint,
+    Survey,
+    missing_history,
+    removed_history,
+    replay_command,
+    warn_about_removed_history,
+)
 from consumer.domain.milestones import notification_id
 from consumer.settings import SettingsError
 from tests.integration.operations import (
@@ -26,6 +34,7 @@ from tests.integration.operations import (
 )
 from tests.support import events
 from tests.support.kafka import KafkaHelper
+from tests.support.postgres import create_database, drop_database
 from tests.support.topics import Topics
 
 
@@ -80,6 +89,10 @@ async def test_replay_twice_changes_nothing(
     assert "0 new session(s), 0 removed; milestones recorded: 0 to send" in second.stdout()
     assert len(await kafka.read_all(topics.notifications)) == 2
     assert await kafka.read_all(topics.dlq) == []  # the live service dead-letters, not a replay
+    assert "rejected (not dead-lettered again: the service did when it first read it)" in (
+        first.stderr()
+    )
+    assert "dead letter " not in first.stderr() + second.stderr()
 
 
 async def test_replay_of_a_topic_holding_deletions(
@@ -195,66 +208,6 @@ def test_a_start_time_needs_an_offset() -> None:
     assert point.timestamp_ms == 1_767_225_600_000
 
 
-def test_a_partition_cut_by_retention_is_reported_unless_the_database_counted_it() -> None:
-    cut, whole, unknown = (TopicPartition("a", n) for n in range(3))
-    beginnings = {cut: 40, whole: 0, unknown: 7}
-    first = {cut: 1_767_225_600_000}  # 2026-01-01T00:00Z
-    assert history_gaps(beginnings, first, None) == [cut, unknown]
-    assert history_gaps(beginnings, first, datetime(2026, 3, 1, tzinfo=UTC)) == [cut, unknown]
-    assert history_gaps(beginnings, first, datetime(2025, 6, 1, tzinfo=UTC)) == [unknown]
-
-
-class _FakeConsumer:
-    def __init__(self) -> None:
-        self.tp = TopicPartition("activity", 0)
-
-    def assignment(self) -> set[TopicPartition]:
-        return {self.tp}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return 1_000
-
-    async def position(self, tp: TopicPartition) -> int:
-        return 400
-
-
-class _FakeEngine:
-    events_done = 0
-
-
-async def test_progress_shows_events_lag_rate_and_time_left(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import io
-
-    from consumer.commands import replay as replay_module
-
-    engine = _FakeEngine()
-    stream = io.StringIO()
-    progress = replay_module.Progress(
-        "replay activity", _FakeConsumer(), engine, stream=stream, tty=True  # type: ignore[arg-type]
-    )
-    assert (await progress.line()).startswith("replay activity: 0 events, 600 left")
-    engine.events_done = 400
-    await asyncio.sleep(0.05)
-    line = await progress.line()
-    assert "400 events, 600 left, " in line
-    assert "/s, about " in line
-    assert " to go" in line
-
-    monkeypatch.setattr(replay_module, "PROGRESS_TTY_INTERVAL_S", 0.01)
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(progress.run(stop))
-    await asyncio.sleep(0.05)
-    stop.set()
-    await task
-    progress.finish("replay activity: caught up")
-    shown = stream.getvalue()
-    assert shown.startswith("\rreplay activity: 400 events")
-    assert "\rreplay activity: caught up" in shown
-    assert shown.endswith("\n")
-
-
 async def test_a_replay_stopped_before_it_caught_up_exits_1(
     db: asyncpg.Connection, engine_env: dict[str, str], kafka: KafkaHelper, topics: Topics,
     capsys: pytest.CaptureFixture[str],
@@ -270,3 +223,75 @@ async def test_a_replay_stopped_before_it_caught_up_exits_1(
     assert code == 1
     assert "run `milestones replay` again to continue" in capsys.readouterr().err
     assert await summary(db) == {}
+
+
+def test_every_partition_that_no_longer_starts_at_offset_0_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever the database holds (the warning no longer asks it): Tansu cannot delete
+    records (it closes the connection on DeleteRecords), so the decision is tested here and
+    the real command's path by every replay test (all partitions start at 0: no warning)."""
+    cut, whole, other = TopicPartition("a", 0), TopicPartition("a", 1), TopicPartition("b", 3)
+    beginnings = {cut: 40, whole: 0, other: 7}
+    assert removed_history(beginnings) == [cut, other]
+
+    warn_about_removed_history(Survey(beginnings=beginnings))
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "topic a no longer starts at offset 0 ([0] at 40): retention removed records there,"
+        " and a replay cannot rebuild what retention removed",
+        "topic b no longer starts at offset 0 ([3] at 7): retention removed records there,"
+        " and a replay cannot rebuild what retention removed",
+    ]
+
+
+def test_a_database_holding_less_than_the_group_committed_is_missing_history() -> None:
+    kept, restored, fresh, never, retained = (TopicPartition("a", n) for n in range(5))
+    committed: dict[TopicPartition, int | None] = {
+        kept: 100, restored: 100, fresh: 5, never: None, retained: 50,
+    }
+    held = {kept: 120, restored: 60}  # a crash after saving, before committing: 120 > 100
+    beginnings = {retained: 50}  # what is below 50 is gone: resuming at 50 skips nothing
+    assert missing_history(committed, held, beginnings) == [restored, fresh]
+    assert missing_history({kept: 100}, {kept: 100}, {}) == []
+
+
+@pytest.mark.e2e
+async def test_a_plain_replay_into_a_fresh_database_refuses_until_told_to_start_from_the_beginning(
+    db: asyncpg.Connection, engine_env: dict[str, str], engine_process, kafka: KafkaHelper,
+    topics: Topics, postgres_admin_dsn: str,
+) -> None:
+    year = current_year(settings_from(engine_env))
+    mentor = events.new_id()
+    await kafka.produce_json_many(
+        topics.activity, [events.logged(mentor, occurred_at=day(year, n)) for n in (1, 2, 3)]
+    )
+    first = engine_process(args=("replay",))  # a new group: from the beginning
+    assert await first.wait(60) == 0, first.output()
+    assert await summary(db) == {(mentor, year): 3}
+    name, fresh_url = await create_database(postgres_admin_dsn)
+    try:
+        fresh_env = {"MILESTONES_DATABASE_URL": fresh_url}
+
+        refused = engine_process(fresh_env, args=("replay",))
+
+        assert await refused.wait(60) == 2, refused.output()
+        lines = [line for line in refused.stderr().splitlines() if "--from-beginning" in line]
+        assert len(lines) == 1, refused.output()
+        assert lines[0].startswith("milestones: replay: this database holds less than the"
+                                   f" replay group {engine_env['MILESTONES_GROUP_ID']}-replay")
+        assert lines[0].endswith("add --from-beginning")
+        fresh = await asyncpg.connect(fresh_url)
+        try:
+            assert await summary(fresh) == {}  # nothing was read
+            full = engine_process(fresh_env, args=("replay", "--from-beginning"))
+            assert await full.wait(60) == 0, full.output()
+            assert await summary(fresh) == {(mentor, year): 3}
+            again = engine_process(fresh_env, args=("replay",))  # it holds the history now
+            assert await again.wait(60) == 0, again.output()
+            assert "0 new session(s)" in again.stdout()
+        finally:
+            await fresh.close()
+    finally:
+        await drop_database(postgres_admin_dsn, name)
