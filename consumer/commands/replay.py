@@ -326,9 +326,8 @@ class _ReplayEngine(Engine):
                 return False
         return True
 
-    async def _commit(self, batch: Batch) -> None:
-        if await self._positions.save(batch):
-            await super()._commit(batch)
+    async def _commit(self, batch: Batch) -> bool:
+        return await self._positions.save(batch) and await super()._commit(batch)
 
 
 class _RecordingWriter(BatchWriter):
