@@ -69,9 +69,10 @@ class BatchPlan:
     preferences: list[PreferenceRow] = field(default_factory=list)
     logs: list[LogRow] = field(default_factory=list)
     deletes: list[DeleteRow] = field(default_factory=list)
-    duplicates: int = 0
+    duplicates: int = 0  # a log with the same fields, or a delete, of an id earlier in the batch
     conflicts: int = 0
     closed_year: int = 0
+    superseded_preferences: int = 0  # preference changes another of the batch wins over
     envelopes: list[Envelope] = field(default_factory=list)
     logs_in_order: list[LogRow] = field(default_factory=list)  # ``logs`` by position
     # Envelopes whose planning raised, with the exception: isolated, not in any row above.
@@ -164,12 +165,18 @@ def plan_batch(
                 current = preferences.get(mentor)
                 if current is None or preference_wins(row, current):
                     preferences[mentor] = row
+                    if current is not None:
+                        plan.superseded_preferences += 1
+                else:
+                    plan.superseded_preferences += 1
             elif isinstance(event, ActivityDeleted):
                 key = event.activity_id.int
                 if key not in deletes:
                     deletes[key] = DeleteRow(
                         event.activity_id, event.deleted_at, envelope.position, envelope.timestamp_ms
                     )
+                else:
+                    plan.duplicates += 1
         except Exception as error:
             plan.unprocessable.append((envelope, error))
 

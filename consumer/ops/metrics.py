@@ -28,7 +28,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # help text, then label names
 _COUNTERS: Final[Mapping[str, tuple[str, Sequence[str]]]] = {
     "milestones_events_total": (
-        "Input messages by outcome (counted, duplicate, conflict, ...).", ("outcome",)),
+        "Accepted input messages by outcome (consumer/store/postgres.py EVENT_OUTCOMES).",
+        ("outcome",)),
     "milestones_dead_letters_total": (
         "Messages sent to the dead-letter topic, by reason kind.", ("reason",)),
     "milestones_key_mismatch_total": ("Messages whose key differs from the value's mentor_id.", ()),

@@ -19,13 +19,16 @@ WHERE excluded.changed_at > p.changed_at
 """
 
 # First write wins. A tombstone (mentor_id null) is filled in but stays uncounted.
-# Returns the exceptions only, a few rows per batch: the inputs planned as counted that did not
-# enter the count (conflict false), and the inputs that conflict with an earlier log (other
-# mentor, organization, time or type; conflict true, and also missed when planned as counted).
-# Every other counted input entered the count. Returning the exceptions instead of every
-# counted id spares the engine a UUID to decode per event. The outer SELECT sees the rows
-# as they were before this statement, so it compares against earlier logs only; only the inputs
-# the INSERT did not write are probed a second time (about 1 % of a batch).
+# Returns the exceptions only, a few rows per batch: each input that was not written, or was
+# planned as counted and did not enter the count, with whether it was planned as counted and
+# its outcome: `duplicate` (an earlier log of the id with the same fields), `conflict` (other
+# mentor, organization, time or type), `not_counted` (it filled a tombstone: deleted before
+# its log), `closed_year` (neither written nor on the ledger as a log: the closed-years trigger
+# skipped it). Every other input was written as planned: counted, or not counted by plan.
+# Returning the exceptions instead of every counted id spares the engine a UUID to decode per
+# event. The outer SELECT sees the rows as they were before this statement, so it compares
+# against earlier logs only; only the exceptions are probed a second time (about 1 % of a
+# batch; every row in a replay over a filled ledger, which is what a replay is).
 INSERT_LOGS = """
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::timestamptz[],
@@ -50,25 +53,31 @@ WITH input AS (
     WHERE l.mentor_id IS NULL
     RETURNING l.activity_id, l.counted
 ), missed AS MATERIALIZED (
-    SELECT i.* FROM input i
-    WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.activity_id = i.activity_id AND w.counted)
+    SELECT i.*, w.activity_id IS NOT NULL AS filled
+    FROM input i LEFT JOIN written w USING (activity_id)
+    WHERE w.activity_id IS NULL OR (i.counted AND NOT w.counted)
 )
-SELECT activity_id, false AS conflict FROM missed WHERE counted
-UNION ALL
-SELECT m.activity_id, true
-FROM missed m JOIN activity_ledger l USING (activity_id)
-WHERE NOT EXISTS (SELECT 1 FROM written w WHERE w.activity_id = m.activity_id)
-  AND l.mentor_id IS NOT NULL
-  AND (l.mentor_id, l.organization_id, l.occurred_at, l.activity_type)
-      IS DISTINCT FROM (m.mentor_id, m.organization_id, m.occurred_at, m.activity_type)
+SELECT m.activity_id, m.counted AS planned,
+       CASE WHEN m.filled THEN 'not_counted'
+            WHEN l.mentor_id IS NULL THEN 'closed_year'
+            WHEN (l.mentor_id, l.organization_id, l.occurred_at, l.activity_type)
+                 IS DISTINCT FROM (m.mentor_id, m.organization_id, m.occurred_at, m.activity_type)
+            THEN 'conflict'
+            ELSE 'duplicate' END AS outcome
+FROM missed m LEFT JOIN activity_ledger l USING (activity_id)
 """
 
 # The first delete of an id wins. SET sees the old row, so delete_uncounted keeps whether this
-# delete took a counted session out; only those rows come back, to be decremented.
+# delete took a counted session out; only those rows come back to be decremented (removed
+# true), with the repeats of a delete of an earlier batch (removed false): the inputs not
+# applied, except where this batch's own log (recorded_at = now(), the transaction's start)
+# already carries the delete that came before it in the batch.
 APPLY_DELETES = """
-WITH applied AS (
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS t(activity_id, deleted_at)
+), applied AS (
     INSERT INTO activity_ledger AS l (activity_id, deleted_at)
-    SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
+    SELECT activity_id, deleted_at FROM input
     ON CONFLICT (activity_id) DO UPDATE
     SET deleted_at = excluded.deleted_at,
         delete_uncounted = l.counted,
@@ -76,7 +85,11 @@ WITH applied AS (
     WHERE l.deleted_at IS NULL
     RETURNING l.activity_id, l.mentor_id, l.year, l.delete_uncounted
 )
-SELECT activity_id, mentor_id, year FROM applied WHERE delete_uncounted
+SELECT activity_id, mentor_id, year, true AS removed FROM applied WHERE delete_uncounted
+UNION ALL
+SELECT i.activity_id, NULL, NULL, false FROM input i JOIN activity_ledger l USING (activity_id)
+WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.activity_id = i.activity_id)
+  AND l.recorded_at <> now()
 """
 
 # Adds each mentor-year's net change and returns what the evaluator needs, read in the same

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,6 +83,21 @@ class BatchOptions:
     suppress_before_ms: int | None = None  # replay --no-notify
 
 
+# What became of each accepted input message. activity.logged: counted, not_counted (a type
+# not counted, or its delete came first), duplicate (an earlier log of its id with the same
+# fields, in the batch or on the ledger), conflict (other fields), closed_year.
+# activity.deleted: removed (took a counted session out), nothing_removed (the session was not
+# counted, or not seen yet: remembered), duplicate (a repeat of an earlier delete).
+# preferences.changed: preference (whether or not a later change already stored wins over
+# it). Each message gets the outcome it would get alone, whatever the batching (a property
+# test holds the batch path to a one-at-a-time oracle). Rejected messages are counted as dead
+# letters instead.
+EVENT_OUTCOMES = (
+    "counted", "not_counted", "duplicate", "conflict", "closed_year", "removed",
+    "nothing_removed", "preference",
+)
+
+
 @dataclass(slots=True)
 class BatchResult:
     new_sessions: int = 0
@@ -89,6 +105,9 @@ class BatchResult:
     conflicts: int = 0
     records: list[MilestoneRecord] = field(default_factory=list)
     pending: int = 0
+    # every accepted message of the batch by outcome (milestones_events_total), one of
+    # EVENT_OUTCOMES each
+    outcomes: Counter[str] = field(default_factory=Counter)
     # organizations whose milestone_thresholds row could not be used: their milestones wait
     invalid_thresholds: set[UUID] = field(default_factory=set)
 
@@ -143,7 +162,12 @@ async def apply_batch(
 async def _apply(
     connection: asyncpg.Connection, plan: BatchPlan, options: BatchOptions
 ) -> BatchResult:
-    result = BatchResult(conflicts=plan.conflicts)
+    result = BatchResult()
+    outcomes = result.outcomes
+    outcomes["duplicate"] = plan.duplicates
+    outcomes["conflict"] = plan.conflicts
+    outcomes["closed_year"] = plan.closed_year
+    outcomes["preference"] = len(plan.preferences) + plan.superseded_preferences
     if plan.preferences:
         await connection.execute(
             batch_sql.UPSERT_PREFERENCES,
@@ -157,11 +181,16 @@ async def _apply(
         rows = await connection.fetch(
             batch_sql.INSERT_LOGS, *zip(*map(_LOG_COLUMNS, plan.logs), strict=True)
         )
+        planned = sum(1 for row in plan.logs if row.counted)
+        outcomes["not_counted"] = len(plan.logs) - planned
         for row in rows:
-            if row["conflict"]:
-                result.conflicts += 1
-            else:
+            outcome = row["outcome"]
+            outcomes[outcome] += 1
+            if row["planned"]:
                 missed.append(row["activity_id"])
+            else:
+                outcomes["not_counted"] -= 1
+        result.new_sessions = planned - len(missed)
     removed: list[Removed] = []
     if plan.deletes:
         rows = await connection.fetch(
@@ -169,9 +198,18 @@ async def _apply(
             [row.activity_id for row in plan.deletes],
             [row.deleted_at for row in plan.deletes],
         )
-        removed = [Removed(row["activity_id"], row["mentor_id"], row["year"]) for row in rows]
-    result.new_sessions = sum(1 for row in plan.logs if row.counted) - len(missed)
+        removed = [
+            Removed(row["activity_id"], row["mentor_id"], row["year"])
+            for row in rows if row["removed"]
+        ]
+        # the others are repeats of a delete of an earlier batch
+        repeated = len(rows) - len(removed)
+        outcomes["duplicate"] += repeated
+        outcomes["nothing_removed"] = len(plan.deletes) - len(removed) - repeated
     result.removed_sessions = len(removed)
+    outcomes["counted"] = result.new_sessions
+    outcomes["removed"] = result.removed_sessions
+    result.conflicts = outcomes["conflict"]
     changes = tally(plan, missed, removed)
     if not changes:
         return result

@@ -195,7 +195,7 @@ class BatchWriter:
             took = time.perf_counter() - started
             self._metrics.set("milestones_last_batch_seconds", took)
             self._metrics.observe("milestones_batch_duration_seconds", took)
-            self._record_metrics(plan.duplicates, result, plan.closed_year)
+            self._record_metrics(result)
             # Only now, with the rest committed: a retry of a refused batch plans again.
             for envelope, raised in plan.unprocessable:
                 log.error("isolated a message whose planning raised: %s",
@@ -203,16 +203,14 @@ class BatchWriter:
                 outcome.refused.append((envelope, exception_reason(raised), "unprocessable"))
             return result
 
-    def _record_metrics(
-        self, in_batch_duplicates: int, result: BatchResult, closed_year: int = 0
-    ) -> None:
+    def _record_metrics(self, result: BatchResult) -> None:
         metrics = self._metrics
         metrics.inc("milestones_batches_total")
-        metrics.inc("milestones_events_total", closed_year, outcome="closed_year")
-        metrics.inc("milestones_events_total", result.new_sessions, outcome="counted")
-        metrics.inc("milestones_events_total", result.removed_sessions, outcome="removed")
-        metrics.inc("milestones_events_total", result.conflicts, outcome="conflict")
-        metrics.inc("milestones_events_total", in_batch_duplicates, outcome="duplicate")
+        for outcome, number in result.outcomes.items():
+            if number >= 0:
+                metrics.inc("milestones_events_total", number, outcome=outcome)
+            else:  # an accounting bug must not stop a committed batch
+                log.error("negative count %d of outcome %s", number, outcome)
         if result.invalid_thresholds:
             self._report_invalid_thresholds(result.invalid_thresholds)
         if result.conflicts:

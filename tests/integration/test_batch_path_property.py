@@ -8,7 +8,7 @@ BatchWriter. Whatever the cut, counts and milestone records must equal the oracl
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +24,7 @@ from consumer.domain.batch import Envelope, PreferenceRow, preference_wins
 from consumer.domain.calendar import is_late, session_year
 from consumer.ops.metrics import Metrics
 from consumer.store.migrate import migrate
-from consumer.store.postgres import BatchOptions
+from consumer.store.postgres import EVENT_OUTCOMES, BatchOptions
 from consumer.stream.writer import BatchWriter
 from schemas.events import ActivityDeleted, ActivityLogged, PreferencesChanged
 
@@ -109,8 +109,11 @@ Record = tuple[UUID, int, int, str, UUID | None, int, UUID]
 
 
 def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datetime
-           ) -> tuple[dict[tuple[UUID, int], int], set[Record]]:
-    """One event at a time; a batch's preference changes first (the contract's rule)."""
+           ) -> tuple[dict[tuple[UUID, int], int], set[Record], Counter[str]]:
+    """One event at a time; a batch's preference changes first (the contract's rule).
+
+    Also what became of each event (``milestones_events_total``'s outcomes)."""
+    outcomes: Counter[str] = Counter()
     ledger: dict[UUID, dict[str, object]] = {}
     counts: dict[tuple[UUID, int], int] = defaultdict(int)
     touched: set[tuple[UUID, int]] = set()
@@ -120,6 +123,7 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
         reached_before: list[tuple[UUID, int, int]] = []
         for item in batch:
             if isinstance(item, Preference):
+                outcomes["preference"] += 1
                 row = PreferenceRow(MENTORS[item.mentor], item.enabled, CHANGED[item.changed])
                 if row.mentor_id not in prefs or preference_wins(row, prefs[row.mentor_id]):
                     prefs[row.mentor_id] = row
@@ -130,14 +134,19 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
             if isinstance(item, Log):
                 mentor = MENTORS[item.mentor]
                 year = session_year(MOMENTS[item.moment], TZ)
+                fields = (mentor, ORGS[item.org], MOMENTS[item.moment], TYPES[item.kind])
                 entry = ledger.get(activity)
                 if entry is not None:
                     if entry["mentor"] is None:
-                        entry.update(mentor=mentor, year=year)
+                        entry.update(mentor=mentor, year=year, fields=fields)
+                        outcomes["not_counted"] += 1
+                    else:
+                        outcomes["duplicate" if entry["fields"] == fields else "conflict"] += 1
                     continue
                 counted = TYPES[item.kind] in COUNTED
                 ledger[activity] = {"mentor": mentor, "year": year, "counted": counted,
-                                    "deleted": False}
+                                    "deleted": False, "fields": fields}
+                outcomes["counted" if counted else "not_counted"] += 1
                 if not counted:
                     continue
                 key = (mentor, year)
@@ -162,8 +171,12 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
                 if entry is None:
                     ledger[activity] = {"mentor": None, "year": None, "counted": False,
                                         "deleted": True}
-                elif not entry["deleted"]:
+                    outcomes["nothing_removed"] += 1
+                elif entry["deleted"]:
+                    outcomes["duplicate"] += 1
+                else:
                     entry["deleted"] = True
+                    outcomes["removed" if entry["counted"] else "nothing_removed"] += 1
                     if entry["counted"]:
                         entry["counted"] = False
                         key = (entry["mentor"], entry["year"])  # type: ignore[assignment]
@@ -172,7 +185,7 @@ def oracle(batches: Sequence[Sequence[Log | Delete | Preference]], db_now: datet
         for mentor, year, threshold in reached_before:
             old = records[(mentor, year, threshold)]
             records[(mentor, year, threshold)] = (*old[:5], counts[(mentor, year)], old[6])
-    return {key: counts[key] for key in touched}, set(records.values())
+    return {key: counts[key] for key in touched}, set(records.values()), +outcomes
 
 
 @pytest.fixture
@@ -204,9 +217,10 @@ async def test_any_batching_gives_the_one_at_a_time_result(
             "INSERT INTO milestone_thresholds VALUES ($1, $2)", ORGS[1], list(ORG_THRESHOLDS[ORGS[1]])
         )
         db_now = await connection.fetchval("SELECT now()")
+    metrics = Metrics()
     writer = BatchWriter(
         pool, BatchOptions(tz=TZ, default_thresholds=THRESHOLDS, grace_days=GRACE_DAYS),
-        Metrics(), counted_types=COUNTED,
+        metrics, counted_types=COUNTED,
     )
     batches = split(items, cuts)
     position = 0
@@ -217,7 +231,7 @@ async def test_any_batching_gives_the_one_at_a_time_result(
             position += 1
         outcome = await writer.write(envelopes)
         assert not outcome.refused
-    expected_counts, expected_records = oracle(batches, db_now)
+    expected_counts, expected_records, expected_outcomes = oracle(batches, db_now)
     async with pool.acquire() as connection:
         summary = {
             (row["user_id"], row["year"]): row["session_count"]
@@ -232,3 +246,10 @@ async def test_any_batching_gives_the_one_at_a_time_result(
         }
     assert {key: value for key, value in summary.items()} == expected_counts
     assert stored == expected_records
+    # Every event has exactly one outcome, the one it would have alone, whatever the batching.
+    outcomes = {
+        outcome: metrics.value("milestones_events_total", outcome=outcome)
+        for outcome in EVENT_OUTCOMES
+    }
+    assert {key: value for key, value in outcomes.items() if value} == expected_outcomes
+    assert sum(outcomes.values()) == len(items)
