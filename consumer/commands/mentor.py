@@ -12,7 +12,7 @@ import sys
 from typing import Any
 from uuid import UUID
 
-from consumer.commands.common import command_pool, current_year, parse_uuid, table
+from consumer.commands.common import command_pool, current_year, parse_uuid
 from consumer.domain.calendar import is_late, notify_deadline
 from consumer.domain.support import SUPPRESSED_REASON_TEXT, Recorded, explain, when
 from consumer.settings import Settings
@@ -116,16 +116,15 @@ def render(report: dict[str, Any]) -> str:
         other = ", ".join(f"{y}: {c}" for y, c in report["other_years"].items())
         lines.append(f"  other years:      {other}")
     lines.append("")
-    if report["milestones"]:
-        lines.append(table(
-            [(m["milestone_value"], m["status"], _reason(m), m["session_count"],
-              str(m["activity_id"] or "-"), when(m["reached_at"]), when(m["recorded_at"]),
-              when(m["published_at"]), _position(m))
-             for m in report["milestones"]],
-            ("milestone", "status", "why suppressed", "count", "crossing session", "reached",
-             "recorded", "published", "partition@offset"),
-        ))
-    else:
+    for m in report["milestones"]:
+        lines.append(f"milestone {m['milestone_value']}: {_outcome(m)}")
+        crossing = (
+            f"crossed by session {m['activity_id']}" if m["activity_id"] is not None
+            else "reached before the evaluating event (no crossing session)"
+        )
+        lines.append(f"    {crossing}, session_count {m['session_count']}")
+        lines.append(f"    reached {when(m['reached_at'])}, recorded {when(m['recorded_at'])}")
+    if not report["milestones"]:
         lines.append("no milestone recorded for this year")
     lines.append("")
     lines.append("why:")
@@ -133,13 +132,12 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _reason(milestone: dict[str, Any]) -> str:
-    if milestone["status"] != "suppressed":
-        return "-"
-    return str(milestone["suppressed_reason"] or SUPPRESSED_REASON_TEXT[None].split(" (")[0])
-
-
-def _position(milestone: dict[str, Any]) -> str:
-    if milestone["published_partition"] is None:
-        return "-"
-    return f"{milestone['published_partition']}@{milestone['published_offset']}"
+def _outcome(milestone: dict[str, Any]) -> str:
+    status = milestone["status"]
+    if status == "published":
+        return (f"published {when(milestone['published_at'])}, partition"
+                f" {milestone['published_partition']} offset {milestone['published_offset']}")
+    if status == "suppressed":
+        reason = milestone["suppressed_reason"]
+        return f"suppressed ({reason or 'no reason recorded'}: {SUPPRESSED_REASON_TEXT[reason]})"
+    return f"{status} (not sent yet)"

@@ -29,19 +29,20 @@ log = logging.getLogger(__name__)
 TOPIC_CONFIG = {"cleanup.policy": "compact"}
 
 
-async def ensure_topic(settings: Settings) -> None:
-    """Create the topic compacted when it is missing (a broker's auto-creation would make it
-    ``cleanup.policy=delete``, and the thresholds would expire with its retention).
+async def ensure_topic(settings: Settings, *, timeout_s: float = 10.0) -> None:
+    """Create the topic compacted (a broker's auto-creation would make it
+    ``cleanup.policy=delete``, and the thresholds would expire with its retention); an
+    existing topic is left as it is.
 
-    A broker that refuses (no permission) is only logged: the topic may exist already, and the
-    send that follows says whether it does.
+    A broker that refuses (no permission) is only logged: the send that follows says whether
+    the topic is usable.
     """
     from consumer.embedded import create_topics
 
     try:
         await create_topics(
             settings.require_kafka(), [settings.thresholds_topic],
-            configs={settings.thresholds_topic: TOPIC_CONFIG},
+            configs={settings.thresholds_topic: TOPIC_CONFIG}, timeout_s=timeout_s,
         )
     except Exception as error:
         log.warning(
@@ -62,10 +63,13 @@ async def publish_change(settings: Settings, change: ThresholdsChange) -> tuple[
     """Send one change and wait for the acknowledgement; return its partition and offset."""
     from consumer.service import start_client
 
-    await ensure_topic(settings)
     producer = make_producer(settings)
-    await start_client(producer, settings)
+    await start_client(producer, settings)  # a broker away: SettingsError, before anything else
     try:
+        # The producer's own metadata (its connection settings): the admin client is needed
+        # only the first time.
+        if settings.thresholds_topic not in (await producer.client.fetch_all_metadata()).topics():
+            await ensure_topic(settings)
         metadata = await producer.send_and_wait(
             settings.thresholds_topic,
             key=str(change.organization_id).encode(),

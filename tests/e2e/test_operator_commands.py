@@ -159,7 +159,9 @@ async def test_mentor_says_why_a_mentor_was_or_was_not_congratulated(
     assert "2,4 (default, MILESTONES_THRESHOLDS)" in out
     assert "count 3 < next threshold 4" in out
     published = next(r for r in await db.records() if str(r["user_id"]) == sent)
-    assert f"{published['published_partition']}@{published['published_offset']}" in out
+    assert (f"partition {published['published_partition']}"
+            f" offset {published['published_offset']}") in out
+    assert f"crossed by session {published['activity_id']}, session_count 2" in out
 
     code, out, err = await milestones(text_env, "mentor", opted_out, "--json")
     assert code == 0, out + err
