@@ -25,13 +25,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from consumer.commands.common import command_pool, current_year, table
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store import status_sql
 from consumer.store.migrate import pending_migrations
-from consumer.stream.dead_letter_reader import read_dead_letters
 from consumer.stream.kafka import broker_trouble, make_consumer
+from consumer.stream.topic_reader import TopicMissing, topic_records
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,24 @@ def start_of_today_ms(settings: Settings) -> int:
     return int(midnight.timestamp() * 1000)
 
 
+async def count_dead_letters(
+    settings: Settings, *, since_ms: int, timeout_s: float
+) -> tuple[int, bool]:
+    """How many records the dead-letter topic holds since ``since_ms``, and whether the count
+    is complete (False: the time bound stopped it; there are more)."""
+    count = 0
+    try:
+        async with topic_records(settings, settings.dlq_topic, since_ms=since_ms,
+                                 timeout_s=timeout_s, start_timeout_s=timeout_s) as records:
+            async for _ in records:
+                count += 1
+    except TopicMissing:  # nothing was ever rejected
+        return 0, True
+    except KafkaTimeoutError:  # the broker answers, but there is more than the bound allows
+        return count, False
+    return count, True
+
+
 async def read_broker(settings: Settings) -> BrokerView:
     """The lag and today's dead letters, both within ``MILESTONES_STATUS_TIMEOUT_S``."""
     if not settings.kafka_bootstrap_servers:
@@ -179,8 +198,8 @@ async def read_broker(settings: Settings) -> BrokerView:
     timeout_s = settings.status_timeout_s
     # The lag's fetches stop a little early so that its answer beats the outer bound.
     lag = asyncio.ensure_future(consumer_lag(settings, settings.group_id, timeout_s=timeout_s * 0.8))
-    letters = asyncio.ensure_future(read_dead_letters(
-        settings, since_ms=start_of_today_ms(settings), timeout_s=timeout_s * 0.8, keep=0
+    letters = asyncio.ensure_future(count_dead_letters(
+        settings, since_ms=start_of_today_ms(settings), timeout_s=timeout_s * 0.8
     ))
     view = BrokerView()
     # aiokafka logs every refused connection as an ERROR; the report says it once.
@@ -188,8 +207,7 @@ async def read_broker(settings: Settings) -> BrokerView:
     try:
         async with asyncio.timeout(timeout_s):
             view.partitions = await lag
-            scan = await letters
-        view.dead_letters_today, view.dead_letters_complete = scan.total, scan.complete
+            view.dead_letters_today, view.dead_letters_complete = await letters
     except Exception as error:
         if not broker_trouble(error):
             raise

@@ -1,17 +1,22 @@
-"""Read a whole topic, every partition from its first offset to its high watermark, no group.
+"""Read a topic to the end it had when reading started, every partition, no consumer group.
 
 For the small topics operators look at or the engine restores from (the thresholds topic, the
-dead-letter topic). The end is judged by the fetch high watermark (``highwater``), which a
-fetch response carries; ``end_offsets()`` is not used (wrong on some Kafka-protocol brokers).
+dead-letter topic). No group: nothing is committed and ``run`` is never made to rebalance.
+The end of a partition is the high watermark its first fetch reports (a fetch response carries
+it; ``end_offsets()`` is not used, it is wrong on some Kafka-protocol brokers), so records that
+keep arriving cannot keep a reader reading. ``since_ms`` starts each partition at the first
+record at or after that time (ListOffsets by time; a broker that answers an earlier offset, as
+Tansu does, only makes it read more, since records are filtered by timestamp here as well).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from consumer.settings import Settings
@@ -25,17 +30,28 @@ class TopicMissing(Exception):
 
 @contextlib.asynccontextmanager
 async def topic_records(
-    settings: Settings, topic: str, *, timeout_s: float = 30.0
+    settings: Settings, topic: str, *, timeout_s: float = 30.0, since_ms: int | None = None,
+    start_timeout_s: float | None = None,
 ) -> AsyncIterator[AsyncIterator[ConsumerRecord[bytes, bytes]]]:
     """``async with topic_records(...) as records: async for record in records: ...``
 
-    Records come in order within a partition. Raises :class:`TopicMissing`, or
-    ``KafkaTimeoutError`` when the end is not reached within ``timeout_s``.
+    Records come in order within a partition; with ``since_ms``, only those timestamped at or
+    after it. Raises :class:`TopicMissing`, or ``KafkaTimeoutError`` when the end is not
+    reached within ``timeout_s``. A broker away: with ``start_timeout_s`` None, the service's
+    start-up retries, then :class:`SettingsError`; with a number, one attempt bounded by it,
+    then the client's ``KafkaError`` or ``TimeoutError`` (``status`` reports it, not exits 2).
     """
     from consumer.service import start_client  # the service imports this module's users
 
     consumer = make_consumer(settings, group_id=None)
-    await start_client(consumer, settings)  # a broker away: SettingsError naming the variable
+    if start_timeout_s is None:
+        await start_client(consumer, settings)  # a broker away: SettingsError naming the variable
+    else:
+        try:
+            await asyncio.wait_for(consumer.start(), start_timeout_s)
+        except BaseException:
+            await within(consumer.stop(), 5.0, f"stopping the reader of {topic}")
+            raise
     try:
         await consumer.topics()  # refresh the metadata: a topic created since is seen
         partitions = consumer.partitions_for_topic(topic)
@@ -43,26 +59,48 @@ async def topic_records(
             raise TopicMissing(topic)
         tps = [TopicPartition(topic, partition) for partition in sorted(partitions)]
         consumer.assign(tps)
-        for tp in tps:
-            await consumer.seek_to_beginning(tp)
-
-        async def records() -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
-            deadline = time.monotonic() + timeout_s
-            left = list(tps)
-            while left:
-                batch = await consumer.getmany(*left, timeout_ms=200, max_records=1_000)
-                for tp in left:
-                    for record in batch.get(tp, ()):
-                        yield record
-                still = []
-                for tp in left:
-                    high = consumer.highwater(tp)
-                    if high is None or await consumer.position(tp) < high:
-                        still.append(tp)
-                left = still
-                if left and time.monotonic() > deadline:
-                    raise KafkaTimeoutError(f"{topic}: end not reached in {timeout_s:g} s")
-
-        yield records()
+        left = await _seek(consumer, tps, since_ms)
+        yield _records(consumer, topic, left, since_ms or 0, timeout_s)
     finally:
         await within(consumer.stop(), 5.0, f"stopping the reader of {topic}")
+
+
+async def _seek(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int | None
+) -> list[TopicPartition]:
+    """Position every partition; return those that may hold something to read."""
+    if not since_ms:
+        for tp in tps:
+            await consumer.seek_to_beginning(tp)
+        return tps
+    starts = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+    left = []
+    for tp in tps:
+        found = starts.get(tp)
+        if found is not None:  # None: no record at or after since_ms
+            consumer.seek(tp, found.offset)
+            left.append(tp)
+    return left
+
+
+async def _records(
+    consumer: AIOKafkaConsumer, topic: str, left: list[TopicPartition], since_ms: int,
+    timeout_s: float,
+) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    deadline = time.monotonic() + timeout_s
+    ends: dict[TopicPartition, int] = {}
+    while left:
+        batch = await consumer.getmany(*left, timeout_ms=200, max_records=1_000)
+        for tp in left:  # the end is fixed before anything is yielded
+            if tp not in ends and (high := consumer.highwater(tp)) is not None:
+                ends[tp] = high
+        for tp in left:
+            end = ends.get(tp)
+            for record in batch.get(tp, ()):
+                if end is not None and record.offset >= end:
+                    break
+                if record.timestamp >= since_ms:
+                    yield record
+        left = [tp for tp in left if tp not in ends or await consumer.position(tp) < ends[tp]]
+        if left and time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"{topic}: end not reached in {timeout_s:g} s")
