@@ -17,8 +17,12 @@ from tests.support.kafka import KafkaHelper
 DAY_MS = 86_400_000
 
 
-async def read(settings: Settings, topic: str, **options: float) -> list[tuple[int, bytes | None]]:
-    async with topic_records(settings, topic, **options) as records:  # type: ignore[arg-type]
+async def read(
+    settings: Settings, topic: str, *, timeout_s: float = 10, since_ms: int | None = None,
+    start_timeout_s: float | None = None,
+) -> list[tuple[int, bytes | None]]:
+    async with topic_records(settings, topic, timeout_s=timeout_s, since_ms=since_ms,
+                             start_timeout_s=start_timeout_s) as records:
         return [(record.partition, record.value) async for record in records]
 
 
