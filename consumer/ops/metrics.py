@@ -73,8 +73,8 @@ _HISTOGRAMS: Final[Mapping[str, tuple[str, Sequence[str], Sequence[float]]]] = {
         "Kafka record timestamp to offset commit, for the oldest record of each committed batch"
         " (an upper bound of every record's latency in that batch).", (), _LATENCY),
     "milestones_notification_latency_seconds": (
-        "Pending row created to marked published, by the database clock, per notification.",
-        (), _LATENCY),
+        "Pending row created to marked published, by the database clock, for the oldest row of"
+        " each publisher round (an upper bound of the round's rows).", (), _LATENCY),
     "milestones_publisher_round_duration_seconds": (
         "Duration of a publisher round that had rows to send: select, send, await the"
         " acknowledgements, mark published.", (), _SHORT),

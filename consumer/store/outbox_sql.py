@@ -33,13 +33,21 @@ ORDER BY picked.created_at, picked.user_id, picked.year, picked.milestone_value
 """
 
 # Step 5, and the read-back: the rows found on the topic (or acknowledged) with their position.
-MARK_PUBLISHED = """
+_MARK = """
 UPDATE scenario_notifications n
 SET status = 'published', published_at = now(),
     published_partition = s.sent_partition, published_offset = s.sent_offset
 FROM unnest($1::uuid[], $2::int[], $3::bigint[]) AS s(id, sent_partition, sent_offset)
 WHERE n.id = s.id AND n.status = 'pending'
-RETURNING n.id
+"""
+MARK_PUBLISHED = _MARK + "RETURNING n.id"
+
+# Step 5 of a round: marks, and answers how long the oldest row marked waited, by the
+# database clock (the metric milestones_notification_latency_seconds): one row back, no
+# per-notification work in Python.
+MARK_SENT = f"""
+WITH marked AS ({_MARK} RETURNING n.created_at)
+SELECT extract(epoch FROM now() - min(created_at))::float8 FROM marked
 """
 
 RECORDED_AMONG = "SELECT id FROM scenario_notifications WHERE id = ANY($1::uuid[])"

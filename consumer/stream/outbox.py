@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import Any
 from uuid import UUID
 
@@ -36,10 +37,11 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from consumer.faults import FaultInjector
+from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
-from consumer.store.outbox_sql import ADVANCE_POSITIONS, MARK_PUBLISHED, SELECT_PENDING
+from consumer.store.outbox_sql import ADVANCE_POSITIONS, MARK_SENT, SELECT_PENDING
 from consumer.stream.kafka import (
     PUBLISHER_MAX_BATCH_BYTES,
     broker_trouble,
@@ -172,6 +174,7 @@ class Publisher:
     # 3-5. one round of sends
     async def _publish_some(self) -> int:
         connection = self._lease.connection
+        started = time.perf_counter()
         # 3. On the lease connection: a row list read here proves the lease was still held.
         rows = await on_lease(
             connection.fetch(SELECT_PENDING, self._settings.publisher_batch_max)
@@ -189,7 +192,8 @@ class Publisher:
                 if row["id"] not in self._unsendable:
                     self._unsendable.add(row["id"])
                     log.error("publisher: pending row %s cannot be sent (%s)", row["id"],
-                              " ".join(str(error).split()))
+                              " ".join(str(error).split()),
+                              extra=fields(notification_id=row["id"], mentor_id=row["user_id"]))
         sendable = await self._read_back.settle_recorded_again(connection, sendable)
         if not sendable:
             return 0
@@ -202,9 +206,14 @@ class Publisher:
             return 0
         self._faults.reached("after_send_ack")
         # 5. mark
-        await on_lease(self._mark_sent(connection, acked))
+        oldest_waited_s = await on_lease(self._mark_sent(connection, acked))
         self._faults.reached("after_mark_published")
         self._metrics.inc("milestones_published_total", len(acked))
+        if oldest_waited_s is not None:
+            self._metrics.observe("milestones_notification_latency_seconds", max(0.0, oldest_waited_s))
+        self._metrics.observe(
+            "milestones_publisher_round_duration_seconds", time.perf_counter() - started
+        )
         self.published += len(acked)
         return len(rows)
 
@@ -276,11 +285,14 @@ class Publisher:
 
     async def _mark_sent(
         self, connection: asyncpg.Connection, acked: list[tuple[UUID, int, int]]
-    ) -> None:
-        """Step 5, one transaction on the lease connection: a lost lease marks nothing."""
+    ) -> float | None:
+        """Step 5, one transaction on the lease connection: a lost lease marks nothing.
+
+        Returns the seconds the oldest row marked waited since it was recorded (None: none
+        was still pending)."""
         async with connection.transaction():
-            await connection.execute(
-                MARK_PUBLISHED,
+            oldest_waited_s: float | None = await connection.fetchval(
+                MARK_SENT,
                 [nid for nid, _, _ in acked],
                 [partition for _, partition, _ in acked],
                 [offset for _, _, offset in acked],
@@ -294,6 +306,7 @@ class Publisher:
                 await connection.execute(
                     ADVANCE_POSITIONS, self._topic, list(ends), list(ends.values())
                 )
+        return oldest_waited_s
 
 
 class _Backoff:

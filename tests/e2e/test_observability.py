@@ -15,7 +15,7 @@ import pytest
 
 from consumer.ops.logs import FIELDS
 from consumer.ops.metrics import Metrics
-from consumer.stream.outbox import PUBLISHER_LOCK_KEY
+from consumer.store.outbox_sql import PUBLISHER_LOCK_KEY
 from tests.e2e.conftest import Db, eventually, nid, settle_notifications
 from tests.support.engine import REPO_ROOT, EngineLauncher, EngineProcess
 from tests.support.events import logged, new_id
