@@ -359,9 +359,12 @@ def broker_binary() -> str:
     return binary
 
 
-def _spawn_broker(host: str, port: int | None, workdir: Path) -> tuple[_Server, int]:
+def _spawn_broker(
+    host: str, port: int | None, workdir: Path, advertised_port: int | None = None
+) -> tuple[_Server, int]:
     chosen = port if port is not None else free_port(host)
     url = f"tcp://{host}:{chosen}"
+    advertised = f"tcp://{host}:{advertised_port}" if advertised_port is not None else url
     server = _Server.spawn(
         "tansu broker",
         [
@@ -370,7 +373,7 @@ def _spawn_broker(host: str, port: int | None, workdir: Path) -> tuple[_Server, 
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            advertised,
             "--storage-engine",
             "memory://tansu/",
         ],
@@ -400,16 +403,19 @@ def start_broker(
     port: int | None = None,
     startup_timeout_s: float = 15.0,
     attempts: int = 3,
+    advertised_port: int | None = None,
 ) -> EmbeddedBroker:
     """Start Tansu on ``host:port`` (a free port when ``None``) and wait until it listens.
 
     Call :meth:`EmbeddedBroker.stop` (or use :func:`embedded_broker`). A port lost to another
     process between picking and binding is retried ``attempts`` times with a new port.
+    ``advertised_port`` makes the broker send clients to another port of ``host`` after the
+    bootstrap (a TLS-terminating proxy in front of it, in the tests).
     """
     last_error: Exception | None = None
     for _ in range(attempts if port is None else 1):
         workdir = _new_workdir("broker")
-        server, chosen = _spawn_broker(host, port, workdir)
+        server, chosen = _spawn_broker(host, port, workdir, advertised_port)
         broker = EmbeddedBroker(host, chosen, workdir, server)
         try:
             wait_for_port(host, chosen, startup_timeout_s, process=server.process)
@@ -451,10 +457,13 @@ async def _async_start_broker(
 
 @contextlib.contextmanager
 def embedded_broker(
-    *, host: str = LOCALHOST, port: int | None = None, startup_timeout_s: float = 15.0
+    *, host: str = LOCALHOST, port: int | None = None, startup_timeout_s: float = 15.0,
+    advertised_port: int | None = None,
 ) -> Iterator[EmbeddedBroker]:
     """``with embedded_broker() as broker: broker.bootstrap_servers`` -- stopped on any exit."""
-    broker = start_broker(host=host, port=port, startup_timeout_s=startup_timeout_s)
+    broker = start_broker(
+        host=host, port=port, startup_timeout_s=startup_timeout_s, advertised_port=advertised_port
+    )
     try:
         yield broker
     finally:
@@ -489,11 +498,13 @@ async def create_topics(
     *,
     configs: Mapping[str, Mapping[str, str]] | None = None,
     timeout_s: float = 30.0,
+    client_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Create ``names`` (replication factor 1); a topic that already exists is left as it is.
 
     ``partitions`` is one count for all or a count per name (missing names get 1); ``configs``
-    maps a name to its topic configuration. Raises ``RuntimeError`` naming the topic and the
+    maps a name to its topic configuration; ``client_options`` are more keyword arguments of
+    the admin client (the security settings). Raises ``RuntimeError`` naming the topic and the
     broker's error code for any other refusal.
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -506,7 +517,10 @@ async def create_topics(
         count = partitions if isinstance(partitions, int) else partitions.get(name, 1)
         topic_configs = dict((configs or {}).get(name, {}))
         new_topics.append(NewTopic(name, count, 1, topic_configs=topic_configs))
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(
+        **{"bootstrap_servers": bootstrap_servers, **(client_options or {})},
+        request_timeout_ms=int(timeout_s * 1000),
+    )
     await admin.start()
     try:
         try:
@@ -659,9 +673,9 @@ class _PostgresLayout:
     user: str | None
 
 
-def _init_cluster(init_timeout_s: float) -> _PostgresLayout:
+def _init_cluster(init_timeout_s: float, bin_dir: Path | None = None) -> _PostgresLayout:
     """``initdb`` in a new temporary directory (the slow part: run it off the event loop)."""
-    bin_dir = postgres_bin_dir()
+    bin_dir = bin_dir or postgres_bin_dir()
     workdir = Path(_new_workdir("pg"))
     try:
         user = _prepare_for_system_user(bin_dir, workdir)
@@ -696,7 +710,36 @@ def _init_cluster(init_timeout_s: float) -> _PostgresLayout:
         raise
 
 
-def _spawn_postgres(layout: _PostgresLayout, host: str, port: int, durable: bool) -> _Server:
+def _install_server_files(
+    layout: _PostgresLayout, tls: tuple[Path, Path] | None, hba: Sequence[str] | None
+) -> list[str]:
+    """Copy a server certificate and key, and write an access file, into the cluster's
+    directory, owned by the server's user (Postgres refuses a key others can read); return the
+    ``postgres`` arguments that use them."""
+    args: list[str] = []
+    owner = pwd.getpwnam(layout.user) if layout.user is not None else None
+
+    def place(name: str, content: bytes, mode: int) -> Path:
+        target = layout.workdir / name
+        target.write_bytes(content)
+        target.chmod(mode)
+        if owner is not None:
+            os.chown(target, owner.pw_uid, owner.pw_gid)
+        return target
+
+    if tls is not None:
+        cert = place("server.crt", tls[0].read_bytes(), 0o644)
+        key = place("server.key", tls[1].read_bytes(), 0o600)
+        args += ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
+    if hba is not None:
+        access = place("pg_hba.conf", ("\n".join(hba) + "\n").encode(), 0o600)
+        args += ["-c", f"hba_file={access}"]
+    return args
+
+
+def _spawn_postgres(
+    layout: _PostgresLayout, host: str, port: int, durable: bool, extra_args: Sequence[str] = ()
+) -> _Server:
     argv = [
         str(layout.bin_dir / "postgres"),
         "-D",
@@ -712,6 +755,7 @@ def _spawn_postgres(layout: _PostgresLayout, host: str, port: int, durable: bool
     ]
     if not durable:
         argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    argv += extra_args
     return _Server.spawn(
         "postgres",
         argv,
@@ -742,9 +786,12 @@ def _postgres_attempts(port: int | None) -> int:
     return 3 if port is None else 1
 
 
-def _start_attempt(layout: _PostgresLayout, host: str, port: int | None, durable: bool) -> EmbeddedPostgres:
+def _start_attempt(
+    layout: _PostgresLayout, host: str, port: int | None, durable: bool,
+    extra_args: Sequence[str] = (),
+) -> EmbeddedPostgres:
     chosen = port if port is not None else free_port(host)
-    server = _spawn_postgres(layout, host, chosen, durable)
+    server = _spawn_postgres(layout, host, chosen, durable, extra_args)
     return EmbeddedPostgres(host, chosen, layout.workdir, server)
 
 
@@ -772,16 +819,23 @@ def start_postgres(
     port: int | None = None,
     startup_timeout_s: float = 60.0,
     durable: bool = False,
+    tls: tuple[Path, Path] | None = None,
+    hba: Sequence[str] | None = None,
+    bin_dir: Path | None = None,
 ) -> EmbeddedPostgres:
     """``initdb`` in a temporary directory, then ``postgres`` on ``host:port`` (free when
     ``None``; a port lost to another process is retried with a new one). ``durable=False`` turns
-    fsync off: the data dies with the server anyway."""
-    layout = _init_cluster(startup_timeout_s)
+    fsync off: the data dies with the server anyway. ``tls`` (certificate and key files) turns
+    ``ssl`` on; ``hba`` replaces the access rules (``pg_hba.conf`` lines), which otherwise
+    trust every local connection. ``bin_dir``: other PostgreSQL binaries than the package's
+    (whose build has no TLS)."""
+    layout = _init_cluster(startup_timeout_s, bin_dir)
     try:
+        extra_args = _install_server_files(layout, tls, hba)
         last_error: RuntimeError | None = None
         for _ in range(_postgres_attempts(port)):
             deadline = time.monotonic() + startup_timeout_s
-            pg = _start_attempt(layout, host, port, durable)
+            pg = _start_attempt(layout, host, port, durable, extra_args)
             try:
                 while not _is_up(pg, layout.data_dir, deadline, startup_timeout_s):
                     time.sleep(0.05)

@@ -27,13 +27,13 @@ from consumer.ops.metrics import Metrics
 from consumer.ops.probes import BrokerContact, PendingGauge
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.catalog import estimated_rows
-from consumer.store.errors import StoreUnavailable
+from consumer.store.errors import DatabaseRefused, StoreUnavailable
 from consumer.store.migrate import ensure_schema
 from consumer.store.postgres import BatchOptions, connect_pool
 from consumer.store.reconcile_sql import startup_drift
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
-from consumer.stream.kafka import make_consumer, make_producer
+from consumer.stream.kafka import make_consumer, make_producer, started, verify_kafka_access
 from consumer.stream.outbox import Publisher
 from consumer.stream.teardown import within
 from consumer.stream.thresholds_topic import restore_thresholds
@@ -110,6 +110,8 @@ async def open_pool(
             max_size=max(max_size, settings.batch_lanes + 2),
             statement_timeouts=statement_timeouts,
         )
+    except DatabaseRefused as error:
+        raise SettingsError(f"{ENV_PREFIX}DATABASE_URL: {error}") from None
     except StoreUnavailable as error:
         raise SettingsError(
             f"{ENV_PREFIX}DATABASE_URL: database unreachable after "
@@ -118,14 +120,14 @@ async def open_pool(
 
 
 async def start_client(client: Any, settings: Settings) -> None:
-    """Start an aiokafka client, retrying while the broker is still coming up."""
+    """Start an aiokafka client, retrying while the broker is still coming up; refused
+    credentials or an untrusted certificate stop at once (:class:`KafkaAccessRefused`)."""
     deadline = time.monotonic() + BROKER_START_TIMEOUT_S
     while True:
         try:
-            await client.start()
+            await started(client, settings)
             return
         except KafkaError as error:
-            await within(client.stop(), 5.0, "stopping a client that did not start")
             if time.monotonic() > deadline:
                 raise SettingsError(
                     f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
@@ -173,6 +175,7 @@ async def publisher_running(
 ) -> AsyncIterator[Publisher]:
     """A publisher task for the duration of the block, closed after it within the clock."""
     clock = clock or ShutdownClock(settings.shutdown_timeout_s)
+    await verify_kafka_access(settings)  # refused credentials: the command stops, exit 2
     publisher = Publisher(settings, settings.require_database(), metrics, faults)
     own_stop = asyncio.Event()
     task = asyncio.ensure_future(publisher.run(own_stop))
@@ -246,10 +249,10 @@ async def _run_with_health(
         # In the background and bounded in time: without an index on (mentor, year) the
         # recount is a scan of the ledger, and consuming should not wait for a log line.
         drift_check = asyncio.ensure_future(report_summary_drift(pool, settings))
-        consumer = make_consumer(settings, group_id=settings.group_id)
         dlq_producer = make_producer(settings)
         await start_client(dlq_producer, settings)
         try:
+            consumer = make_consumer(settings, group_id=settings.group_id)
             await start_client(consumer, settings)
             tune_garbage_collector(settings.batch_max_records)
             try:

@@ -6,15 +6,19 @@ and turns into exit status 2.
 
 from __future__ import annotations
 
+import ssl
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from consumer.domain.milestones import normalize_thresholds
 
 ENV_PREFIX = "MILESTONES_"
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 FaultPoint = Literal["after_db_commit", "after_offset_commit", "after_send_ack", "after_mark_published"]
 
@@ -42,6 +46,13 @@ class Settings(BaseSettings):
     thresholds_topic: str = Field("milestone-thresholds", min_length=1)
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
     kafka_request_timeout_ms: int = Field(15_000, ge=1_000)
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "PLAIN"
+    kafka_sasl_username: str | None = Field(None, min_length=1)
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: FilePath | None = None
+    kafka_ssl_certfile: FilePath | None = None
+    kafka_ssl_keyfile: FilePath | None = None
     thresholds: Annotated[tuple[int, ...], NoDecode] = (50, 100, 200)
     timezone: str = "Europe/Oslo"
     notify_grace_days: int = Field(31, ge=0)
@@ -112,6 +123,21 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @model_validator(mode="after")
+    def _usable_kafka_security(self) -> Settings:
+        problem = kafka_security_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def kafka_uses_sasl(self) -> bool:
+        return self.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def kafka_uses_tls(self) -> bool:
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
 
     @property
     def tz(self) -> ZoneInfo:
@@ -184,12 +210,81 @@ def environment_help() -> str:
     return "\n".join(lines) + "\n"
 
 
+def kafka_security_problem(settings: Settings) -> str | None:
+    """A contradiction among the Kafka security settings, as one line naming the variable.
+
+    Credentials or certificates given for a protocol that does not use them are refused rather
+    than ignored: a deployment that believes it authenticates but does not is the worse outcome.
+    The TLS files are loaded once here, so a file that is not PEM (or a key that does not match
+    its certificate) stops the start instead of every connection attempt failing later.
+    """
+    protocol = f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL is {settings.kafka_security_protocol}"
+    if settings.kafka_uses_sasl:
+        for name in ("kafka_sasl_username", "kafka_sasl_password"):
+            if getattr(settings, name) is None:
+                return f"{ENV_PREFIX}{name.upper()}: not set, and {protocol}"
+    else:
+        for name in ("kafka_sasl_username", "kafka_sasl_password"):
+            if getattr(settings, name) is not None:
+                return (f"{ENV_PREFIX}{name.upper()}: set, but {protocol}, which sends no"
+                        " credentials (use SASL_SSL or SASL_PLAINTEXT)")
+    files = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    if not settings.kafka_uses_tls:
+        for name in files:
+            if getattr(settings, name) is not None:
+                return (f"{ENV_PREFIX}{name.upper()}: set, but {protocol}, which does not use"
+                        " TLS (use SSL or SASL_SSL)")
+        return None
+    if settings.kafka_ssl_keyfile is not None and settings.kafka_ssl_certfile is None:
+        return f"{ENV_PREFIX}KAFKA_SSL_CERTFILE: not set, but {ENV_PREFIX}KAFKA_SSL_KEYFILE is"
+    try:
+        kafka_ssl_context(settings)
+    except SettingsError as error:
+        return str(error)
+    return None
+
+
+def _no_key_password() -> bytes:
+    # Without this, OpenSSL would ask for the pass phrase of an encrypted key on the terminal.
+    return b""
+
+
+def kafka_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of every Kafka client: the system's trust store plus the CA file, host
+    names checked, and the client certificate when one is set. A file that cannot be loaded
+    raises :class:`SettingsError` naming its variable."""
+    cafile = settings.kafka_ssl_cafile
+    try:
+        context = ssl.create_default_context(cafile=str(cafile) if cafile is not None else None)
+    except ssl.SSLError as error:
+        raise SettingsError(
+            f"{ENV_PREFIX}KAFKA_SSL_CAFILE: not a PEM certificate file ({error.reason or error})"
+        ) from None
+    if settings.kafka_ssl_certfile is not None:
+        keyfile = settings.kafka_ssl_keyfile
+        try:
+            context.load_cert_chain(
+                str(settings.kafka_ssl_certfile),
+                str(keyfile) if keyfile is not None else None,
+                password=_no_key_password,
+            )
+        except ssl.SSLError as error:
+            raise SettingsError(
+                f"{ENV_PREFIX}KAFKA_SSL_CERTFILE: the certificate and its key (an unencrypted"
+                f" PEM key in {ENV_PREFIX}KAFKA_SSL_KEYFILE or in the same file) cannot be"
+                f" loaded ({error.reason or error})"
+            ) from None
+    return context
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the environment (flags override it); raise :class:`SettingsError` on a bad value."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         first = error.errors()[0]
-        name = ENV_PREFIX + str(first["loc"][0]).upper() if first["loc"] else ENV_PREFIX
         message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across fields: its message names the variable
+            raise SettingsError(message) from None
+        name = ENV_PREFIX + str(first["loc"][0]).upper()
         raise SettingsError(f"{name}: {message}") from None

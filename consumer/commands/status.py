@@ -31,7 +31,7 @@ from consumer.commands.common import command_pool, current_year, table
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store import status_sql
 from consumer.store.migrate import pending_migrations
-from consumer.stream.kafka import broker_trouble, make_consumer
+from consumer.stream.kafka import broker_trouble, make_consumer, verify_kafka_access
 from consumer.stream.topic_reader import TopicMissing, topic_records
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ async def consumer_lag(
     deadline = time.monotonic() + (timeout_s or settings.status_timeout_s)
     consumer = make_consumer(settings, group_id=group_id)
     try:
+        await verify_kafka_access(settings)  # refused credentials: exit 2, not "unreachable"
         await consumer.start()
         tps: list[TopicPartition] = []
         for topic in (settings.preferences_topic, settings.activity_topic):

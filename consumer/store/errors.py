@@ -15,6 +15,11 @@ class StoreUnavailable(StoreError):
     """Connection lost, refused or a transient server state: retry later, commit nothing."""
 
 
+class DatabaseRefused(StoreUnavailable):
+    """The server answered and refused us (credentials, database name, TLS trust): waiting
+    cannot help, so start-up stops at once instead of retrying."""
+
+
 class StoreConflict(StoreError):
     """Deadlock or serialization failure: retry the same transaction at once."""
 

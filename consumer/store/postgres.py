@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from consumer.domain.batch import BatchPlan, Removed, YearChange, tally, thresho
 from consumer.domain.calendar import is_late
 from consumer.domain.milestones import MilestoneRecord, decide, stored_thresholds
 from consumer.store import batch_sql
-from consumer.store.errors import StoreError, StoreUnavailable, classify
+from consumer.store.errors import DatabaseRefused, StoreError, StoreUnavailable, classify
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,31 @@ async def connect_pool(
                 # The client-side bound matches the server's: none for the long statements.
                 command_timeout=60 if statement_timeouts else None,
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
-            if isinstance(error, asyncpg.InvalidCatalogNameError | asyncpg.InvalidPasswordError):
-                raise StoreUnavailable(str(error)) from None
+        except (TimeoutError, OSError, asyncpg.PostgresError,
+                asyncpg.exceptions.ClientConfigurationError) as error:
+            refusal = _refusal(error)
+            if refusal is not None:
+                raise DatabaseRefused(refusal) from None
             if time.monotonic() + delay > deadline:
                 raise StoreUnavailable(f"database unreachable: {error}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _refusal(error: BaseException) -> str | None:
+    """Why the server refused us for good, in words without the URL (it may hold a password);
+    None for a failure worth retrying (not up yet, network)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"the server's certificate is not trusted ({error.verify_message}): check"
+                " sslrootcert and the host name in the URL")
+    if isinstance(error, ssl.SSLError):
+        return f"TLS with the server failed ({error.reason or error})"
+    if isinstance(error, asyncpg.exceptions.ClientConfigurationError):
+        return f"the URL's options are not usable ({error})"
+    state = getattr(error, "sqlstate", "") or ""
+    if isinstance(error, asyncpg.InvalidCatalogNameError) or state.startswith("28"):
+        return str(error)  # a database that does not exist; a role or password refused
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,24 +1,126 @@
-"""Building aiokafka clients from the settings, in one place."""
+"""Building aiokafka clients from the settings, in one place.
+
+Every client the engine makes (consumer, producers, the publisher's reader, replay, status,
+topic creation) takes its connection options from :func:`kafka_client_options`, so the
+security settings reach them all; a client built elsewhere would silently talk plaintext.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.conn import AIOKafkaConnection, CloseReason
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import AIOKafkaConnection, CloseReason, collect_hosts, create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
-from consumer.settings import Settings
+from consumer.settings import ENV_PREFIX, Settings, SettingsError, kafka_ssl_context
 from consumer.stream.teardown import within
 
 log = logging.getLogger(__name__)
 
 _Client = TypeVar("_Client", AIOKafkaConsumer, AIOKafkaProducer)
+
+CLIENT_ID = "milestone-engine"
+
+
+class KafkaAccessRefused(SettingsError):
+    """The broker answered but refused our credentials or certificate: retrying cannot help."""
+
+
+def kafka_client_options(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments every aiokafka client of the engine is built with."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.require_kafka(),
+        "security_protocol": settings.kafka_security_protocol,
+        "client_id": CLIENT_ID,
+    }
+    if settings.kafka_uses_tls:
+        options["ssl_context"] = kafka_ssl_context(settings)
+    if settings.kafka_uses_sasl:
+        password = settings.kafka_sasl_password
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=password.get_secret_value() if password is not None else None,
+        )
+    return options
+
+
+_verified: set[tuple[object, ...]] = set()
+
+
+async def verify_kafka_access(settings: Settings) -> None:
+    """Open one connection with the configured security and raise :class:`KafkaAccessRefused`
+    (one line naming the variable, no secret) when the broker refuses the credentials or its
+    certificate is not trusted.
+
+    aiokafka's own start logs such a refusal and reports only "unable to bootstrap", which the
+    start-up retries would wait out as if the broker were down. A broker that does not answer
+    at all is left to those retries. Checked once per process and configuration.
+    """
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return
+    key = (settings.kafka_bootstrap_servers, settings.kafka_security_protocol,
+           settings.kafka_sasl_mechanism, settings.kafka_sasl_username,
+           settings.kafka_sasl_password, settings.kafka_ssl_cafile, settings.kafka_ssl_certfile)
+    if key in _verified:
+        return
+    options = kafka_client_options(settings)
+    options.pop("bootstrap_servers")
+    host, port, _ = collect_hosts(settings.require_kafka())[0]
+    try:
+        connection = await create_conn(
+            host, port, request_timeout_ms=settings.kafka_request_timeout_ms, **options
+        )
+    except ssl.SSLCertVerificationError as error:
+        raise KafkaAccessRefused(
+            f"{ENV_PREFIX}KAFKA_SSL_CAFILE: the certificate of {host}:{port} is not trusted"
+            f" ({error.verify_message})"
+        ) from None
+    except ssl.SSLError as error:
+        raise KafkaAccessRefused(
+            f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL: the TLS handshake with {host}:{port} failed"
+            f" ({error.reason or error}; a broker that wants a client certificate needs"
+            f" {ENV_PREFIX}KAFKA_SSL_CERTFILE)"
+        ) from None
+    except SaslAuthenticationFailed:
+        raise KafkaAccessRefused(
+            f"{ENV_PREFIX}KAFKA_SASL_PASSWORD: {host}:{port} refused user"
+            f" {settings.kafka_sasl_username!r} with {settings.kafka_sasl_mechanism}"
+        ) from None
+    except (UnsupportedSaslMechanismError, IllegalSaslStateError):
+        raise KafkaAccessRefused(
+            f"{ENV_PREFIX}KAFKA_SASL_MECHANISM: {host}:{port} does not accept"
+            f" {settings.kafka_sasl_mechanism}"
+        ) from None
+    except (TimeoutError, OSError, KafkaError):
+        return  # not answering (yet): the callers' start-up retries decide
+    connection.close()
+    _verified.add(key)
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        request_timeout_ms=settings.kafka_request_timeout_ms, **kafka_client_options(settings)
+    )
+
+# The publisher builds one record batch per partition and round; Kafka's default limit for a
+# record batch (``message.max.bytes``) is about 1 MiB, so half of it leaves room.
+PUBLISHER_MAX_BATCH_BYTES = 512 * 1024
 
 # The publisher builds one record batch per partition and round; Kafka's default limit for a
 # record batch (``message.max.bytes``) is about 1 MiB, so half of it leaves room.
@@ -79,22 +181,23 @@ def make_producer(
     """
     tolerate_closed_transports()
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.require_kafka(),
         acks="all",
         enable_idempotence=settings.enable_idempotence,
         request_timeout_ms=settings.kafka_request_timeout_ms,
         linger_ms=0,
         max_batch_size=max_batch_bytes,
-        client_id="milestone-engine",
+        **kafka_client_options(settings),
     )
     if not retry_internally and not settings.enable_idempotence:
         _disable_internal_retries(producer)
     return producer
 
 
-async def started(client: _Client) -> _Client:
-    """Start an aiokafka client; one that fails to start is stopped, not leaked."""
+async def started(client: _Client, settings: Settings) -> _Client:
+    """Start an aiokafka client after checking the broker accepts us
+    (:func:`verify_kafka_access`); one that fails to start is stopped, not leaked."""
     try:
+        await verify_kafka_access(settings)
         await client.start()
     except BaseException:
         await within(client.stop(), 5.0, "stopping a client that did not start")
@@ -117,7 +220,6 @@ def make_consumer(settings: Settings, *, group_id: str | None, **extra: Any) -> 
     tolerate_closed_transports()
     session_ms = settings.kafka_session_timeout_ms
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.require_kafka(),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -129,7 +231,7 @@ def make_consumer(settings: Settings, *, group_id: str | None, **extra: Any) -> 
         fetch_max_bytes=settings.fetch_max_bytes,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-        client_id="milestone-engine",
+        **kafka_client_options(settings),
         **extra,
     )
 

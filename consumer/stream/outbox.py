@@ -168,7 +168,7 @@ class Publisher:
         if self._producer is None:
             self._producer = await started(make_producer(
                 self._settings, retry_internally=False, max_batch_bytes=PUBLISHER_MAX_BATCH_BYTES
-            ))
+            ), self._settings)
         return self._producer
 
     # 3-5. one round of sends

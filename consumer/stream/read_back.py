@@ -89,7 +89,7 @@ class ReadBack:
         reads it all). Raises ``KafkaTimeoutError`` if the broker does not let it get there.
         """
         if self._reader is None:
-            self._reader = await started(make_consumer(self._settings, group_id=None))
+            self._reader = await started(make_consumer(self._settings, group_id=None), self._settings)
         reader = self._reader
         partitions = await _partitions(reader, self._topic)
         stored = {

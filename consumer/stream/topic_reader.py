@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from consumer.settings import Settings
-from consumer.stream.kafka import make_consumer
+from consumer.stream.kafka import make_consumer, verify_kafka_access
 from consumer.stream.teardown import within
 
 
@@ -48,6 +48,7 @@ async def topic_records(
         await start_client(consumer, settings)  # a broker away: SettingsError naming the variable
     else:
         try:
+            await verify_kafka_access(settings)  # refused credentials: exit 2, not "unreachable"
             await asyncio.wait_for(consumer.start(), start_timeout_s)
         except BaseException:
             await within(consumer.stop(), 5.0, f"stopping the reader of {topic}")

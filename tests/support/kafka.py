@@ -76,8 +76,10 @@ class KafkaHelper:
     """One producer (started on first use) and short-lived reading consumers; :meth:`close`
     stops them."""
 
-    def __init__(self, bootstrap_servers: str) -> None:
+    def __init__(self, bootstrap_servers: str, client_options: Mapping[str, Any] | None = None) -> None:
         self.bootstrap_servers = bootstrap_servers
+        # More keyword arguments of every client: the security settings of a secured broker.
+        self._options = dict(client_options or {})
         self._producer: AIOKafkaProducer | None = None
         self._progress: dict[str, _Progress] = {}
 
@@ -93,6 +95,7 @@ class KafkaHelper:
                 acks="all",
                 linger_ms=0,
                 request_timeout_ms=15_000,
+                **self._options,
             )
             await producer.start()
             self._producer = producer
@@ -162,6 +165,7 @@ class KafkaHelper:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
             request_timeout_ms=15_000,
+            **self._options,
         )
         await consumer.start()
         try:
@@ -229,15 +233,17 @@ class KafkaHelper:
 
     async def create_topics(self, names: Sequence[str], partitions: int = 1) -> None:
         """Create topics (an existing one is left as it is)."""
-        await create_topics(self.bootstrap_servers, names, partitions)
+        await create_topics(self.bootstrap_servers, names, partitions, client_options=self._options)
 
     async def create_topics_with_counts(self, partitions: Mapping[str, int]) -> None:
         """Create topics with a partition count each."""
-        await create_topics(self.bootstrap_servers, list(partitions), partitions)
+        await create_topics(
+            self.bootstrap_servers, list(partitions), partitions, client_options=self._options
+        )
 
     async def delete_topics(self, names: Sequence[str]) -> None:
         """Best effort: a broker that cannot delete leaves them."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **self._options)
         try:
             await admin.start()
             await admin.delete_topics(list(names))
