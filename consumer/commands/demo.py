@@ -25,6 +25,7 @@ from uuid import NAMESPACE_DNS, UUID, uuid4, uuid5
 from pydantic import SecretStr
 
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
+from consumer.stream.kafka import kafka_client_options
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ async def demo_command(settings: Settings, *, seconds: float | None) -> int:
              settings.dlq_topic],
             {settings.activity_topic: 4, settings.preferences_topic: 2,
              settings.notification_topic: 2, settings.dlq_topic: 1},
+            client_options=kafka_client_options(settings),
         )
         await ensure_thresholds_topic(settings)
         _say(f"broker {bootstrap}; thresholds {', '.join(map(str, settings.thresholds))};"
@@ -141,7 +143,7 @@ async def _deadline(stop: asyncio.Event, seconds: float | None) -> None:
 async def _produce(settings: Settings, bootstrap: str, stop: asyncio.Event) -> None:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(acks="all", **kafka_client_options(settings))
     await producer.start()
     try:
         camilla = mentor_id("Camilla")
@@ -185,8 +187,8 @@ async def _watch(settings: Settings, bootstrap: str, stop: asyncio.Event) -> Non
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        settings.notification_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-        group_id=None, enable_auto_commit=False,
+        settings.notification_topic, auto_offset_reset="earliest",
+        group_id=None, enable_auto_commit=False, **kafka_client_options(settings),
     )
     await consumer.start()
     started = time.monotonic()

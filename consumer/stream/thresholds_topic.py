@@ -38,11 +38,13 @@ async def ensure_topic(settings: Settings, *, timeout_s: float = 10.0) -> None:
     the topic is usable.
     """
     from consumer.embedded import create_topics
+    from consumer.stream.kafka import kafka_client_options
 
     try:
         await create_topics(
             settings.require_kafka(), [settings.thresholds_topic],
             configs={settings.thresholds_topic: TOPIC_CONFIG}, timeout_s=timeout_s,
+            client_options=kafka_client_options(settings),
         )
     except Exception as error:
         log.warning(
