@@ -173,16 +173,23 @@ class Publisher:
 
     # 3-5. one round of sends
     async def _publish_some(self) -> int:
+        """One round; returns how many rows it picked (a full round: go on without a pause)."""
         connection = self._lease.connection
         started = time.perf_counter()
         # 3. On the lease connection: a row list read here proves the lease was still held.
-        rows = await on_lease(
-            connection.fetch(SELECT_PENDING, self._settings.publisher_batch_max)
+        picked = await on_lease(
+            connection.fetch(SELECT_PENDING, self._settings.publisher_batch_max, self._topic)
         )
-        if rows and rows[0]["suppressed"]:
-            self._metrics.inc("milestones_suppressed_at_publish_total", rows[0]["suppressed"])
-        if not rows:
-            return 0
+        suppressed: int = picked[0]["suppressed"]
+        seen: int = picked[0]["seen"]
+        if suppressed:
+            self._metrics.inc("milestones_suppressed_at_publish_total", suppressed)
+        if seen:
+            log.warning("publisher: %d notification(s) recorded again were already on the topic;"
+                        " marked published, not sent", seen)
+            self._metrics.inc("milestones_readback_hits_total", seen)
+        rows = [row for row in picked if row["id"] is not None]
+        settled = suppressed + seen  # the round's rows that needed no send
         sendable = []
         for row in rows:
             try:
@@ -194,9 +201,8 @@ class Publisher:
                     log.error("publisher: pending row %s cannot be sent (%s)", row["id"],
                               " ".join(str(error).split()),
                               extra=fields(notification_id=row["id"], mentor_id=row["user_id"]))
-        sendable = await self._read_back.settle_recorded_again(connection, sendable)
         if not sendable:
-            return 0
+            return settled
         # 4. send
         acked, failed = await self._send(await self._ensure_producer(), sendable)
         if failed:
@@ -215,7 +221,7 @@ class Publisher:
             "milestones_publisher_round_duration_seconds", time.perf_counter() - started
         )
         self.published += len(acked)
-        return len(rows)
+        return len(rows) + settled
 
     async def _send(
         self, producer: AIOKafkaProducer, sendable: list[tuple[asyncpg.Record, MilestoneReached]]
@@ -278,8 +284,8 @@ class Publisher:
             if debug:
                 log.debug(
                     "publisher: sent %s to %s[%d]@%d", nid, self._topic, partition, offset,
-                    extra={"notification_id": str(nid), "topic": self._topic,
-                           "partition": partition, "offset": offset},
+                    extra=fields(notification_id=nid, topic=self._topic, partition=partition,
+                                 offset=offset),
                 )
         return acked, failed
 
@@ -297,9 +303,8 @@ class Publisher:
                 [partition for _, partition, _ in acked],
                 [offset for _, _, offset in acked],
             )
-            # Positions stay where the read-back put them while records are in doubt or while
-            # some notifications on the topic still wait for their record.
-            if not self._in_doubt and not self._read_back.holds_positions:
+            # Positions stay where the read-back put them while records are in doubt.
+            if not self._in_doubt:
                 ends: dict[int, int] = {}
                 for _, partition, offset in acked:
                     ends[partition] = max(ends.get(partition, 0), offset + 1)

@@ -5,11 +5,19 @@ broker) puts the publisher "in doubt". Before it sends anything else, and whenev
 lease, it reads the notification topic forward from the positions recorded in
 ``publisher_positions`` to the high watermark and marks every pending row found there as
 published (the metric ``milestones_readback_hits_total`` counts them). The read-back:
-- sets the positions to where it stopped (lower too: a partition that ends before its recorded
-  position was deleted and created again, and is read again from its start);
-- remembers the notifications it found that have no record at all (the database was restored
-  from a backup older than the topic) and holds the positions before them: recorded again by a
-  replay, they are marked published instead of being sent a second time.
+- works in chunks of ``READ_BACK_CHUNK`` records, each settled in one transaction together
+  with the positions it reached, so that memory does not grow with the topic and a read-back
+  cut short (a crash, the broker away, a shutdown) goes on from where it was, not from the
+  start: after a restore the first read-back may have a long topic to read;
+- has no deadline: it goes on while it makes progress, and gives up (still in doubt, to be
+  retried) only when no record arrived for ``READ_BACK_STALL_S`` seconds;
+- keeps the notifications it finds that have no record at all (the database was restored from
+  a backup older than the topic) in ``publisher_unrecorded``: recorded again by a replay, they
+  are marked published from there instead of being sent a second time;
+- sets the positions lower too: a partition that ends before its recorded position was deleted
+  and created again, and is read again from its start;
+- does not settle a row an operator set back to ``pending`` (``awaiting_resend``) with the
+  copy it finds: that copy is the earlier emission, and the operator asked for another.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -29,12 +37,7 @@ from aiokafka.errors import KafkaTimeoutError
 
 from consumer.ops.metrics import Metrics
 from consumer.settings import Settings
-from consumer.store.outbox_sql import (
-    MARK_PUBLISHED,
-    READ_POSITIONS,
-    RECORDED_AMONG,
-    SET_POSITIONS,
-)
+from consumer.store.outbox_sql import READ_POSITIONS, SET_POSITIONS, SETTLE_FOUND
 from consumer.stream.kafka import make_consumer, started
 from consumer.stream.publisher_lease import on_lease
 from consumer.stream.teardown import within
@@ -42,8 +45,9 @@ from consumer.stream.teardown import within
 log = logging.getLogger(__name__)
 
 HEADER = "notification_id"
-READ_BACK_TIMEOUT_S = 60.0
-READ_BACK_CHUNK = 5_000
+READ_BACK_CHUNK = 5_000  # records per settling transaction
+READ_BACK_STALL_S = 30.0  # no record for this long before the high watermark: give up, retry
+READ_BACK_REPORT_S = 10.0  # a progress line this often while a long read-back runs
 
 
 def notification_id_of(headers: Sequence[tuple[str, bytes]], value: bytes | None) -> UUID | None:
@@ -58,23 +62,22 @@ def notification_id_of(headers: Sequence[tuple[str, bytes]], value: bytes | None
 
 
 class ReadBack:
-    """The topic reader and what the last read-back found without a record."""
+    """The publisher's reader of its own topic."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        chunk: int = READ_BACK_CHUNK,
+        stall_timeout_s: float = READ_BACK_STALL_S,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._topic = settings.notification_topic
+        self._chunk = chunk
+        self._stall_timeout_s = stall_timeout_s
         self._reader: AIOKafkaConsumer | None = None
-        # Notifications found on the topic by the last read-back that have no record at all:
-        # the database is behind the topic (restored from a backup). Recorded again later (by
-        # a replay), they are marked published from here instead of being sent a second time.
-        self._on_topic_unrecorded: dict[UUID, tuple[int, int]] = {}
-
-    @property
-    def holds_positions(self) -> bool:
-        """True while notifications on the topic wait for their record: the positions stay
-        before them."""
-        return bool(self._on_topic_unrecorded)
 
     async def close(self) -> None:
         reader, self._reader = self._reader, None
@@ -84,9 +87,8 @@ class ReadBack:
     async def run(self, connection: asyncpg.Connection, stop: asyncio.Event) -> None:
         """Mark as published every pending row already on the topic past our last position.
 
-        Reads to the high watermark of every partition, marking in chunks so that memory does
-        not grow with the length of the topic (the first lease on a database without positions
-        reads it all). Raises ``KafkaTimeoutError`` if the broker does not let it get there.
+        Raises ``KafkaTimeoutError`` when the broker lets it make no progress for
+        ``stall_timeout_s``, or at shutdown; what it has read so far stays settled.
         """
         if self._reader is None:
             self._reader = await started(make_consumer(self._settings, group_id=None), self._settings)
@@ -98,9 +100,8 @@ class ReadBack:
         }
         tps = [TopicPartition(self._topic, p) for p in partitions]
         reader.assign(tps)
-        deadline = time.monotonic() + READ_BACK_TIMEOUT_S
-        unrecorded: dict[UUID, tuple[int, int]] = {}
-        hits, ends = await self._scan(connection, reader, tps, stored, stop, deadline, unrecorded)
+        tally = _Tally()
+        ends = await self._scan(connection, reader, tps, stored, stop, tally)
         shrunk = {p: end for p, end in ends.items() if stored.get(p, 0) > end}
         if shrunk:
             # Ends before our position: the topic was deleted and created again (or truncated).
@@ -113,29 +114,17 @@ class ReadBack:
                 )
             again = [tp for tp in tps if tp.partition in shrunk]
             reader.assign(again)
-            more, new_ends = await self._scan(
-                connection, reader, again, {}, stop, deadline, unrecorded
-            )
-            hits += more
-            ends.update(new_ends)
-        self._on_topic_unrecorded = unrecorded
-        if unrecorded:
-            # Hold each position at the first such record, so that the next lease holder (a
-            # restart) finds them again; until then they are known from memory.
-            for partition, offset in unrecorded.values():
-                ends[partition] = min(ends.get(partition, offset), offset)
+            await self._scan(connection, reader, again, {}, stop, tally)
+        if tally.unrecorded:
             log.warning(
                 "publisher: %d notification(s) on %s have no record in the database (restored"
                 " from a backup?); if recorded again they will be marked published, not sent",
-                len(unrecorded), self._topic,
+                tally.unrecorded, self._topic,
             )
-        if ends:
-            await on_lease(connection.execute(
-                SET_POSITIONS, self._topic, list(ends), list(ends.values())
-            ))
-        if hits:
-            log.warning("publisher: read-back found %d pending notification(s) already sent", hits)
-            self._metrics.inc("milestones_readback_hits_total", hits)
+        if tally.hits:
+            log.warning("publisher: read-back found %d pending notification(s) already sent",
+                        tally.hits)
+            self._metrics.inc("milestones_readback_hits_total", tally.hits)
 
     async def _scan(
         self,
@@ -144,29 +133,27 @@ class ReadBack:
         tps: list[TopicPartition],
         starts: dict[int, int],
         stop: asyncio.Event,
-        deadline: float,
-        unrecorded: dict[UUID, tuple[int, int]],
-    ) -> tuple[int, dict[int, int]]:
+        tally: _Tally,
+    ) -> dict[int, int]:
         """Read ``tps`` from ``starts`` (the beginning where absent) to their high watermarks,
-        marking what is found; return the rows marked and the watermarks reached."""
+        settling and saving the positions chunk by chunk; return the watermarks reached."""
         for tp in tps:
             if tp.partition in starts:
                 reader.seek(tp, starts[tp.partition])
             else:
                 await reader.seek_to_beginning(tp)
         found: dict[UUID, tuple[int, int]] = {}
-        hits = 0
+        unsaved = 0  # records read since the positions were last saved
         ends: dict[int, int] = {}
+        last_record = last_report = time.monotonic()
         while True:
-            batch = await reader.getmany(*tps, timeout_ms=200, max_records=READ_BACK_CHUNK)
+            batch = await reader.getmany(*tps, timeout_ms=200, max_records=self._chunk)
             for tp, records in batch.items():
+                unsaved += len(records)
                 for record in records:
                     nid = notification_id_of(record.headers, record.value)
                     if nid is not None:
                         found[nid] = (tp.partition, record.offset)
-            if len(found) >= READ_BACK_CHUNK:
-                hits += await _mark_found(connection, found, unrecorded)
-                found = {}
             caught_up = True
             for tp in tps:
                 high = reader.highwater(tp)
@@ -174,57 +161,61 @@ class ReadBack:
                     caught_up = False
                 else:
                     ends[tp.partition] = high
+            if caught_up or unsaved >= self._chunk:
+                await self._settle(connection, reader, tps, found, tally)
+                tally.read += unsaved
+                found, unsaved = {}, 0
             if caught_up:
-                break
+                return ends
+            now = time.monotonic()
+            if batch:
+                last_record = now
             if stop.is_set():
                 raise KafkaTimeoutError("read-back interrupted by shutdown")
-            if time.monotonic() > deadline:
+            if now - last_record > self._stall_timeout_s:
                 raise KafkaTimeoutError(
-                    f"read-back did not reach the high watermark in {READ_BACK_TIMEOUT_S:g} s"
+                    f"read-back: no record for {self._stall_timeout_s:g} s before the high"
+                    " watermark; what was read is settled, the rest is read next time"
                 )
-        hits += await _mark_found(connection, found, unrecorded)
-        return hits, ends
+            if now - last_report > READ_BACK_REPORT_S:
+                last_report = now
+                log.info("publisher: read-back has read %d record(s) of %s so far",
+                         tally.read, self._topic)
 
-    async def settle_recorded_again(
-        self, connection: asyncpg.Connection, sendable: list[tuple[asyncpg.Record, Any]]
-    ) -> list[tuple[asyncpg.Record, Any]]:
-        """Mark published the rows the read-back saw on the topic before they were recorded;
-        return the others, to be sent."""
-        if not self._on_topic_unrecorded:
-            return sendable
-        seen = {row["id"]: self._on_topic_unrecorded[row["id"]] for row, _ in sendable
-                if row["id"] in self._on_topic_unrecorded}
-        if not seen:
-            return sendable
-        ids = list(seen)
-        rows = await on_lease(connection.fetch(
-            MARK_PUBLISHED, ids, [seen[i][0] for i in ids], [seen[i][1] for i in ids]
-        ))
-        for nid in ids:
-            del self._on_topic_unrecorded[nid]
-        if rows:
-            log.warning("publisher: %d notification(s) recorded again were already on the topic;"
-                        " marked published, not sent", len(rows))
-            self._metrics.inc("milestones_readback_hits_total", len(rows))
-        return [(row, message) for row, message in sendable if row["id"] not in seen]
+    async def _settle(
+        self,
+        connection: asyncpg.Connection,
+        reader: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+        found: dict[UUID, tuple[int, int]],
+        tally: _Tally,
+    ) -> None:
+        """One transaction: mark what ``found`` holds, keep what has no record, and move the
+        positions to where the reader is."""
+        positions = {tp.partition: await reader.position(tp) for tp in tps}
+        ids = list(found)
+
+        async def settle() -> None:
+            async with connection.transaction():
+                if ids:
+                    row = await connection.fetchrow(
+                        SETTLE_FOUND, ids, [found[i][0] for i in ids],
+                        [found[i][1] for i in ids], self._topic,
+                    )
+                    tally.hits += row["marked"]
+                    tally.unrecorded += row["unrecorded"]
+                await connection.execute(
+                    SET_POSITIONS, self._topic, list(positions), list(positions.values())
+                )
+
+        await on_lease(settle())
 
 
-async def _mark_found(
-    connection: asyncpg.Connection,
-    found: dict[UUID, tuple[int, int]],
-    unrecorded: dict[UUID, tuple[int, int]],
-) -> int:
-    """Mark the pending rows among ``found``; add the ids without a row to ``unrecorded``."""
-    if not found:
-        return 0
-    ids = list(found)
-    rows = await on_lease(connection.fetch(
-        MARK_PUBLISHED, ids, [found[i][0] for i in ids], [found[i][1] for i in ids]
-    ))
-    recorded = await on_lease(connection.fetch(RECORDED_AMONG, ids))
-    known = {row["id"] for row in recorded}
-    unrecorded.update((nid, where) for nid, where in found.items() if nid not in known)
-    return len(rows)
+@dataclass(slots=True)
+class _Tally:
+    read: int = 0
+    hits: int = 0
+    unrecorded: int = 0
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:

@@ -5,6 +5,9 @@ topic deleted and created again, a row set back to ``pending`` on purpose.
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -141,3 +144,81 @@ async def test_a_recreated_notification_topic_is_read_back_from_its_start(
                              timeout_s=60, describe=lambda: outputs([engine]))
     await stop_all([engine])
     await assert_end_state(proxied_kafka, topics, database_url, counts, year)
+
+
+async def _copies(kafka: KafkaHelper, topics: Topics, nid: str) -> list[int]:
+    """The offsets of every copy of ``nid`` on the notification topic."""
+    return [record.offset for record in await kafka.read_all(topics.notifications)
+            if record.header("notification_id") == nid]
+
+
+async def _published_at(dsn: str, nid: str) -> tuple[str, int | None]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        row = await connection.fetchrow(
+            "SELECT status, published_offset FROM scenario_notifications WHERE id = $1", nid)
+    finally:
+        await connection.close()
+    assert row is not None
+    return row["status"], row["published_offset"]
+
+
+async def _until_copies(kafka: KafkaHelper, topics: Topics, dsn: str, nid: str, count: int,
+                        describe: Callable[[], str]) -> list[int]:
+    """Until the topic holds ``count`` copies of ``nid`` and its row is published again."""
+    deadline = time.monotonic() + 60
+    while True:
+        copies = await _copies(kafka, topics, nid)
+        status, _ = await _published_at(dsn, nid)
+        if len(copies) >= count and status == "published":
+            return copies
+        assert time.monotonic() < deadline, f"{copies}, row {status}\n{describe()}"
+        await asyncio.sleep(0.3)
+
+
+async def test_a_row_set_back_to_pending_is_sent_again_even_where_the_read_back_meets_its_copy(
+    kafka: KafkaHelper,
+    topics: Topics,
+    database_url: str,
+    engine_process: EngineLauncher,
+) -> None:
+    """The operator's re-send: a row set back to ``pending`` is emitted again, also when the
+    read-back that starts the next lease reads across the earlier copy (here the positions
+    are reset, as after a restore); and the re-send itself keeps the crash guarantee: a crash
+    after its acknowledgement is settled by the read-back, not sent a third time."""
+    occurred_at, year = session_time()
+    mentor = events.new_id()
+    nid = events.notification_id(mentor, year, 50)
+    engine = engine_process()
+    await engine.wait_ready(timeout_s=60)
+    await kafka.produce_json_many(topics.activity, sessions(mentor, 50, occurred_at))
+    first = await _until_copies(kafka, topics, database_url, nid, 1, lambda: outputs([engine]))
+    await stop_all([engine])
+
+    # The repair, with the read positions back at the start of the topic.
+    await _execute(database_url, "UPDATE scenario_notifications SET status = 'pending'"
+                                 " WHERE id = $1", nid)
+    await _execute(database_url, "DELETE FROM publisher_positions")
+    # The re-send is acknowledged, and the process dies before marking it.
+    crashing = engine_process({"MILESTONES_FAULT_POINT": "after_send_ack"})
+    assert await crashing.wait(60) == -signal.SIGKILL, crashing.output()
+    assert len(await _copies(kafka, topics, nid)) == 2
+    survivor = engine_process({"MILESTONES_LOG_LEVEL": "DEBUG"})
+    await survivor.wait_ready(timeout_s=60)
+    both = lambda: outputs([crashing, survivor])  # noqa: E731
+    second = await _until_copies(kafka, topics, database_url, nid, 2, both)
+    assert await _published_at(database_url, nid) == ("published", second[-1])
+
+    # Once more while the engine runs: a third copy.
+    await _execute(database_url, "UPDATE scenario_notifications SET status = 'pending'"
+                                 " WHERE id = $1", nid)
+    third = await _until_copies(kafka, topics, database_url, nid, 3, both)
+    await asyncio.sleep(1.0)  # nothing more comes
+    assert await _copies(kafka, topics, nid) == third
+    await stop_all([survivor])
+    assert (len(first), len(second), len(third)) == (1, 2, 3), third
+    status, offset = await _published_at(database_url, nid)
+    assert (status, offset) == ("published", third[-1])
+    # Each send is logged at DEBUG with the notification id and where it landed.
+    assert f"sent {nid} to {topics.notifications}[" in survivor.output()
+    assert f"]@{offset}" in survivor.output()
