@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.errors import MessageSizeTooLargeError
+
 from consumer.stream.decode import Rejected
 
+log = logging.getLogger(__name__)
+
 MAX_REASON_CHARS = 500
+NOT_COPIED = "; too large for the dead-letter topic, the {what} not copied (read it at its source position)"
 
 
-def dead_letter_headers(rejected: Rejected) -> list[tuple[str, bytes]]:
-    reason = " ".join(rejected.reason.split())[:MAX_REASON_CHARS]
+def dead_letter_headers(rejected: Rejected, not_copied: str = "") -> list[tuple[str, bytes]]:
+    reason = " ".join(rejected.reason.split())[:MAX_REASON_CHARS] + not_copied
     record = rejected.record
     return [
         ("error", reason.encode()),
@@ -27,16 +33,43 @@ async def send_dead_letters(producer: Any, topic: str, rejected: Sequence[Reject
 
     The caller commits the batch's offsets only after this returns, so a crash in between
     repeats a dead letter (allowed by the contract) but never loses one.
+
+    A message too large to copy (the producer's request limit, or the broker's message size
+    limit for the dead-letter topic, once the headers are added) would otherwise be retried
+    forever and stop its partition for good: it is dead-lettered without its value (and, if
+    that is not enough, without its key), the ``error`` header saying so. Its bytes stay at
+    the source position the headers name.
     """
     if not rejected:
         return
-    futures = [
-        await producer.send(
+    futures = [await _send(producer, topic, item) for item in rejected]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    too_large = []
+    for item, result in zip(rejected, results, strict=True):
+        if isinstance(result, MessageSizeTooLargeError):  # the broker refused it
+            too_large.append(item)
+        elif isinstance(result, BaseException):
+            raise result
+    if too_large:
+        await asyncio.gather(*[await _send(producer, topic, item, copy=1) for item in too_large])
+
+
+async def _send(producer: Any, topic: str, item: Rejected, copy: int = 2) -> Any:
+    """``copy``: 2 key and value, 1 the key only, 0 neither."""
+    record = item.record
+    not_copied = "" if copy == 2 else NOT_COPIED.format(
+        what="value is" if copy == 1 else "key and value are"
+    )
+    try:
+        return await producer.send(
             topic,
-            value=item.record.value,
-            key=item.record.key,
-            headers=dead_letter_headers(item),
+            value=record.value if copy == 2 else None,
+            key=record.key if copy >= 1 else None,
+            headers=dead_letter_headers(item, not_copied),
         )
-        for item in rejected
-    ]
-    await asyncio.gather(*futures)
+    except MessageSizeTooLargeError:  # refused by the producer itself, before sending
+        if copy == 0:
+            raise
+        log.error("dead letter %s[%d]@%d too large to copy (%d bytes of value)", record.topic,
+                  record.partition, record.offset, len(record.value or b""))
+        return await _send(producer, topic, item, copy - 1)

@@ -105,3 +105,29 @@ async def test_poison_records_are_dead_lettered_and_the_service_keeps_counting(
     await eventually(db.counts, lambda counts: counts.get((mentor, 2026)) == 5)
     assert again.returncode is None, again.output()
     assert await again.stop() == 0
+
+
+async def test_a_record_too_large_for_the_dead_letter_topic_does_not_stall_its_partition(
+    engine_process: EngineLauncher, kafka: KafkaHelper, topics: Topics, db: Db
+) -> None:
+    # Under the client's 1 MiB request limit on the way in, over it on the way to the dead-letter
+    # topic once the headers are added: the copy cannot be sent byte for byte, ever.
+    mentor = new_id()
+    engine = engine_process()
+    huge = b"x" * (1024 * 1024 - 200)
+    produced = await kafka.produce(topics.activity, huge, mentor.encode())
+    await kafka.produce_json(topics.activity, logged(mentor), key=mentor.encode())
+
+    letters = await kafka.wait_for(topics.dlq, lambda records: len(records) >= 1)
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.value is None
+    assert letter.key == mentor.encode()
+    assert letter.header("source_offset") == str(produced.offset)
+    assert letter.header("error") == (
+        f"value of {len(huge)} bytes is over 64 KiB; too large for the dead-letter topic, the"
+        " value is not copied (read it at its source position)"
+    )
+    await eventually(db.counts, lambda counts: counts.get((mentor, 2026)) == 1)
+    assert engine.returncode is None, engine.output()
+    assert await engine.stop() == 0

@@ -6,6 +6,7 @@ happens; the end-to-end test does the same with the real process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -15,12 +16,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 
 from consumer.domain import batch as batch_module
 from consumer.domain.batch import Envelope, plan_batch
 from consumer.domain.milestones import stored_thresholds
 from consumer.ops.metrics import Metrics
 from consumer.stream import engine as engine_module
+from consumer.stream.dead_letters import send_dead_letters
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS, Decoded, Rejected, decode
 from consumer.stream.engine import Engine
 from schemas.events import ActivityLogged
@@ -197,3 +200,60 @@ def test_stored_thresholds_normalizes_a_usable_row_and_refuses_the_rest(
     raw: list[Any], expected: tuple[int, ...] | None
 ) -> None:
     assert stored_thresholds(raw) == expected
+
+
+# --- a dead letter too large to copy --------------------------------------------------------
+
+class SizeLimitedProducer:
+    """Stands in for the producer: refuses a record over ``client_limit`` bytes at once (as
+    aiokafka does), and fails the send of one over ``broker_limit`` (as the broker does)."""
+
+    def __init__(self, client_limit: int, broker_limit: int) -> None:
+        self.client_limit, self.broker_limit = client_limit, broker_limit
+        self.sent: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
+
+    async def send(self, topic: str, *, value: bytes | None, key: bytes | None,
+                   headers: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+        size = len(value or b"") + len(key or b"")
+        if size > self.client_limit:
+            raise MessageSizeTooLargeError("over max_request_size")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if size > self.broker_limit:
+            done.set_exception(MessageSizeTooLargeError("refused by the broker"))
+        else:
+            self.sent.append((key, value, dict(headers)))
+            done.set_result(None)
+        return done
+
+
+@pytest.mark.parametrize(
+    ("client_limit", "broker_limit", "key_size", "copied"),
+    [
+        pytest.param(10**9, 10**9, 10, "key and value", id="fits"),
+        pytest.param(1000, 10**9, 10, "key", id="refused by the producer"),
+        pytest.param(10**9, 1000, 10, "key", id="refused by the broker"),
+        pytest.param(1000, 10**9, 5000, "nothing", id="even the key is too large"),
+    ],
+)
+async def test_a_dead_letter_too_large_to_copy_is_sent_without_its_bytes(
+    client_limit: int, broker_limit: int, key_size: int, copied: str
+) -> None:
+    big = Record(b"v" * 4000, offset=7, key=b"k" * key_size)
+    small = Record(b"ok", offset=8)
+    producer = SizeLimitedProducer(client_limit, broker_limit)
+    rejected = [Rejected(big, "value of 4000 bytes is over 64 KiB", "too_large"),
+                Rejected(small, "empty value", "empty_value")]
+    await send_dead_letters(producer, "dlq", rejected)
+    assert len(producer.sent) == 2
+    key, value, headers = next(sent for sent in producer.sent if sent[2]["source_offset"] == b"7")
+    error = headers["error"].decode()
+    if copied == "key and value":
+        assert (key, value, error) == (big.key, big.value, "value of 4000 bytes is over 64 KiB")
+    elif copied == "key":
+        assert (key, value) == (big.key, None)
+        assert error.endswith("too large for the dead-letter topic, the value is not copied"
+                              " (read it at its source position)")
+    else:
+        assert (key, value) == (None, None)
+        assert "the key and value are not copied" in error
+    assert (b"ok", b"empty value") in [(v, h["error"]) for _, v, h in producer.sent]
