@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the year to sweep (default: the current year in MILESTONES_TIMEZONE)")
     sweep.add_argument("--organization", metavar="UUID",
                        help="only this organization's mentors (default: every organization)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="count what would be recorded, per organization and year, and record"
+                            " nothing (default: record)")
     reconcile = commands.add_parser("reconcile", help="compare annual_summary with the ledger")
     reconcile.add_argument("--year", type=int,
                            help="the year to compare (default: the current year in"
@@ -141,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="close every year before YEAR (required; no default)")
     prune.add_argument("--tombstone-days", type=int, default=400, metavar="DAYS",
                        help="also delete delete-markers older than DAYS days (default: 400)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="say what would be closed and deleted, and change nothing"
+                            " (default: prune)")
     status = commands.add_parser(
         "status", help="counts, pending notifications, consumer lag, today's dead letters;"
                        " exit 1 when a limit is crossed",
@@ -221,13 +227,14 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
             from_timestamp=args.from_timestamp, no_notify=args.no_notify,
         ),
         "sweep": lambda: sweep.sweep_command(
-            settings, year=args.year, organization=args.organization
+            settings, year=args.year, organization=args.organization, dry_run=args.dry_run
         ),
         "reconcile": lambda: maintenance.reconcile_command(
             settings, year=args.year, fix=args.fix, rebuild=args.rebuild
         ),
         "prune": lambda: maintenance.prune_command(
-            settings, before_year=args.before_year, tombstone_days=args.tombstone_days
+            settings, before_year=args.before_year, tombstone_days=args.tombstone_days,
+            dry_run=args.dry_run,
         ),
         "status": lambda: status.status_command(settings, as_json=args.json),
         "demo": lambda: demo.demo_command(settings, seconds=args.seconds),

@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 import time
 
-from consumer.commands.common import command_pool, current_year
+from consumer.commands.common import command_pool, current_year, table
 from consumer.ops.progress import Progress
 from consumer.settings import Settings, SettingsError
 from consumer.store.catalog import estimated_rows
 from consumer.store.migrate import migrate
-from consumer.store.retention import close_years, delete_closed_sessions, delete_old_tombstones
+from consumer.store.retention import (
+    PrunePlan,
+    close_years,
+    delete_closed_sessions,
+    delete_old_tombstones,
+    plan_prune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,9 @@ async def reconcile_command(settings: Settings, *, year: int | None, fix: bool,
     return await run_reconcile(settings, year=year, fix=fix, rebuild=rebuild)
 
 
-async def prune_command(settings: Settings, *, before_year: int, tombstone_days: int) -> int:
+async def prune_command(
+    settings: Settings, *, before_year: int, tombstone_days: int, dry_run: bool = False
+) -> int:
     """Close the years before ``before_year``: drop their ledger rows, ignore them from now on.
 
     The watermark is recorded (and the database guard installed) before any row is deleted,
@@ -50,6 +58,13 @@ async def prune_command(settings: Settings, *, before_year: int, tombstone_days:
     if tombstone_days < 0:
         raise SettingsError("--tombstone-days: must be 0 or more")
     started = time.monotonic()
+    if dry_run:
+        async with command_pool(
+            settings, max_size=1, statement_timeouts=False
+        ) as pool, pool.acquire() as connection:
+            plan = await plan_prune(connection, before_year - 1, tombstone_days)
+        _print_prune_plan(plan, before_year, tombstone_days)
+        return 0
     async with command_pool(
         settings, max_size=1, statement_timeouts=False
     ) as pool, pool.acquire() as connection:
@@ -68,3 +83,19 @@ async def prune_command(settings: Settings, *, before_year: int, tombstone_days:
         f" tombstone(s) older than {tombstone_days} day(s) in {time.monotonic() - started:.2f} s"
     )
     return 0
+
+
+def _print_prune_plan(plan: PrunePlan, before_year: int, tombstone_days: int) -> None:
+    now = "no year is closed" if plan.closed_now is None else f"closed through {plan.closed_now}"
+    print(f"prune --before-year {before_year}, dry run: nothing was changed ({now})")
+    if plan.closed_now is not None and plan.closed_now >= plan.closed_after:
+        print(f"would keep the watermark at {plan.closed_now} (it never goes down)")
+    else:
+        print(f"would close every year through {plan.closed_after}: sessions of those years"
+              " would be ignored from then on")
+    if plan.sessions_by_year:
+        print(table([(str(year), rows) for year, rows in plan.sessions_by_year],
+                    ("year", "ledger rows")))
+    sessions = sum(rows for _, rows in plan.sessions_by_year)
+    print(f"would delete {sessions:,} ledger row(s) and {plan.tombstones:,} tombstone(s) older"
+          f" than {tombstone_days} day(s); annual_summary and the milestone records stay")

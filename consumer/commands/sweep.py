@@ -7,6 +7,9 @@ waits (up to a minute) until those rows have left ``pending``.
 
 Safe at any time beside ``run`` and another sweep: the unique key of ``scenario_notifications``
 decides who records a milestone, so each is recorded, and emitted, once.
+
+``--dry-run`` evaluates the same chunks without locking or recording and prints how many
+milestones it would record per organization and year (and milestone), to send or suppressed.
 """
 
 from __future__ import annotations
@@ -18,20 +21,15 @@ from uuid import UUID
 from consumer.commands.common import command_pool, current_year, publish_and_wait, table
 from consumer.ops.progress import Progress
 from consumer.settings import Settings, SettingsError
-from consumer.store.sweep_sql import SweepRules, sweep_year
+from consumer.store.sweep_sql import SweepResult, SweepRules, count_mentor_years, sweep_year
 
 log = logging.getLogger(__name__)
 
 CHUNK_MENTORS = 1_000
 
-# The progress total: the mentor-years the chunks will walk through.
-_MENTOR_YEARS = """
-SELECT count(*)::int FROM annual_summary
-WHERE year = $1 AND ($2::uuid IS NULL OR organization_id = $2)
-"""
-
-
-async def sweep_command(settings: Settings, *, year: int | None, organization: str | None) -> int:
+async def sweep_command(
+    settings: Settings, *, year: int | None, organization: str | None, dry_run: bool = False
+) -> int:
     try:
         organization_id = UUID(organization) if organization else None
     except ValueError:
@@ -45,16 +43,21 @@ async def sweep_command(settings: Settings, *, year: int | None, organization: s
     )
     started = time.monotonic()
     async with command_pool(settings) as pool:
-        total = await pool.fetchval(_MENTOR_YEARS, rules.year, rules.organization_id)
-        with Progress(f"sweep {rules.year}", total, unit="mentor-years") as progress:
+        total = await count_mentor_years(pool, rules)
+        label = f"sweep {rules.year}" + (" (dry run)" if dry_run else "")
+        with Progress(label, total, unit="mentor-years") as progress:
             result = await sweep_year(
-                pool, rules, chunk_mentors=CHUNK_MENTORS, on_chunk=progress.advance
+                pool, rules, chunk_mentors=CHUNK_MENTORS, dry_run=dry_run,
+                on_chunk=progress.advance,
             )
         swept_s = time.monotonic() - started
         log.info(
             "sweep %d: %d mentor(s) in %d chunk(s), %d record(s) in %.2f s",
             rules.year, result.mentors, result.chunks, result.recorded, swept_s,
         )
+        if dry_run:
+            _print_plan(rules, result, swept_s)
+            return 0
         left = len(result.pending_ids)
         if result.pending_ids and settings.kafka_bootstrap_servers:
             left = await publish_and_wait(settings, pool, result.pending_ids)
@@ -73,3 +76,22 @@ async def sweep_command(settings: Settings, *, year: int | None, organization: s
         + (f"; {result.lost_races} recorded meanwhile by another writer" if result.lost_races else "")
     )
     return 0
+
+
+def _print_plan(rules: SweepRules, result: SweepResult, swept_s: float) -> None:
+    """What a dry run found: per organization, year and milestone, to send and suppressed."""
+    scope = f" of organization {rules.organization_id}" if rules.organization_id else ""
+    print(f"sweep of {rules.year}{scope}, dry run: {result.mentors:,} mentor-year(s) evaluated"
+          f" in {swept_s:.2f} s; nothing was recorded")
+    keys = sorted({(str(org), value) for org, value, _ in result.planned})
+    rows = [
+        (org, str(rules.year), value,
+         result.planned[(UUID(org), value, "pending")],
+         result.planned[(UUID(org), value, "suppressed")])
+        for org, value in keys
+    ]
+    if rows:
+        print(table(rows, ("organization", "year", "milestone", "to send", "suppressed")))
+    to_send = sum(n for (_, _, status), n in result.planned.items() if status == "pending")
+    print(f"would record {sum(result.planned.values())}: {to_send} to send,"
+          f" {sum(result.planned.values()) - to_send} suppressed")

@@ -1,10 +1,16 @@
 """Retention: the closed-years watermark and the deletes of ``milestones prune``.
 
 Closing years ``<= W`` happens in one short transaction: the watermark moves up (never down)
-and the guard trigger is re-created with ``W`` in its WHEN clause (see migration 0002). The DDL
+and the guard trigger is replaced with ``W`` in its WHEN clause (see migration 0002). The DDL
 waits for the batch transactions in flight and holds new ones back for a moment, so every ledger
 insert that starts after the commit already sees the new guard. Only then are the rows deleted,
 in chunks by ``activity_id``, each chunk its own transaction.
+
+Beside a live ``run``: ``CREATE OR REPLACE TRIGGER`` takes SHARE ROW EXCLUSIVE on the ledger,
+which waits for writers but not for readers (``DROP TRIGGER`` would take ACCESS EXCLUSIVE and
+queue every batch behind any long scan, such as ``reconcile``'s). While the DDL waits, the
+batches queue behind it, so it waits at most :data:`CLOSE_LOCK_TIMEOUT_MS` and then gives way
+and tries again: a batch is held back at most that long.
 
 What may fail: the guard needs the table owner (``CREATE TRIGGER``), so ``prune`` runs with
 the role that runs ``migrate``.
@@ -12,6 +18,8 @@ the role that runs ``migrate``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +27,11 @@ from uuid import UUID
 
 import asyncpg
 
+log = logging.getLogger(__name__)
+
 GUARD_TRIGGER = "activity_ledger_closed_years"
+CLOSE_LOCK_TIMEOUT_MS = 1_000
+CLOSE_RETRY_PAUSE_S = 0.5
 
 _READ = "SELECT closed_through_year FROM engine_state"
 
@@ -59,6 +71,19 @@ WHERE activity_id IN (
 )
 """
 
+# prune --dry-run: what the deletes would remove (read-only; one scan of the ledger).
+_CLOSED_SESSIONS = """
+SELECT year, count(*)::bigint AS sessions FROM activity_ledger
+WHERE year <= $1
+GROUP BY year
+ORDER BY year
+"""
+
+_OLD_TOMBSTONES = """
+SELECT count(*)::bigint FROM activity_ledger
+WHERE mentor_id IS NULL AND recorded_at < now() - make_interval(days => $1)
+"""
+
 NIL = UUID(int=0)
 
 
@@ -70,13 +95,28 @@ async def read_closed_through_year(db: Any) -> int | None:
 
 async def close_years(connection: asyncpg.Connection, through_year: int) -> int:
     """Close every year ``<= through_year`` (never lowering the watermark); return it."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await _close_years_once(connection, through_year)
+        except asyncpg.LockNotAvailableError:
+            log.warning(
+                "prune: the ledger is busy (attempt %d: its lock not granted within %d ms);"
+                " trying again", attempt, CLOSE_LOCK_TIMEOUT_MS,
+            )
+            await asyncio.sleep(CLOSE_RETRY_PAUSE_S)
+
+
+async def _close_years_once(connection: asyncpg.Connection, through_year: int) -> int:
     async with connection.transaction():
+        await connection.execute(f"SET LOCAL lock_timeout = {CLOSE_LOCK_TIMEOUT_MS:d}")
         watermark = int(await connection.fetchval(_RAISE, through_year))
         # DDL cannot take a parameter; the value is an int from the database, never text.
-        await connection.execute(f"DROP TRIGGER IF EXISTS {GUARD_TRIGGER} ON activity_ledger")
         await connection.execute(
-            f"CREATE TRIGGER {GUARD_TRIGGER} BEFORE INSERT ON activity_ledger FOR EACH ROW"
-            f" WHEN (NEW.year <= {watermark:d}) EXECUTE FUNCTION milestones_skip_closed_year()"
+            f"CREATE OR REPLACE TRIGGER {GUARD_TRIGGER} BEFORE INSERT ON activity_ledger"
+            f" FOR EACH ROW WHEN (NEW.year <= {watermark:d})"
+            " EXECUTE FUNCTION milestones_skip_closed_year()"
         )
     return watermark
 
@@ -122,3 +162,25 @@ async def delete_old_tombstones(
         total += deleted
         if deleted < chunk_rows:
             return total
+
+
+@dataclass(frozen=True, slots=True)
+class PrunePlan:
+    """What ``prune`` would do, read without changing anything."""
+
+    closed_now: int | None  # the watermark today (None: no year closed)
+    closed_after: int  # the watermark after the prune (it never goes down)
+    sessions_by_year: list[tuple[int, int]]  # ledger rows it would delete, per year
+    tombstones: int  # tombstones it would delete
+
+
+async def plan_prune(
+    connection: asyncpg.Connection, through_year: int, tombstone_days: int
+) -> PrunePlan:
+    closed_now = await read_closed_through_year(connection)
+    closed_after = through_year if closed_now is None else max(closed_now, through_year)
+    rows = await connection.fetch(_CLOSED_SESSIONS, closed_after)
+    tombstones = int(await connection.fetchval(_OLD_TOMBSTONES, tombstone_days))
+    return PrunePlan(
+        closed_now, closed_after, [(row["year"], row["sessions"]) for row in rows], tombstones
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -153,3 +154,40 @@ async def test_run_ignores_sessions_of_closed_years_and_counts_them_in_metrics(
         service.metrics, lambda text: 'milestones_events_total{outcome="closed_year"} 2' in text
     )
     assert 'milestones_events_total{outcome="counted"} 1' in metrics
+
+
+async def test_prune_waiting_for_a_busy_ledger_holds_the_writers_back_at_most_a_second(
+    db: asyncpg.Connection, engine_env: dict[str, str], database_url: str
+) -> None:
+    """The guard's DDL queues every ledger insert behind it while it waits: it gives way after
+    its lock timeout and tries again, so a writer is never held back for long."""
+    settings = settings_from(engine_env)
+    year = current_year(settings)
+    insert = (
+        "INSERT INTO activity_ledger (activity_id, mentor_id, organization_id, year, occurred_at,"
+        " activity_type, counted) VALUES (gen_random_uuid(), $1, $1, $2, now(), 'session', true)"
+    )
+    await write_events(settings, [events.logged(events.new_id(), occurred_at=at(year - 2))])
+    busy = await asyncpg.connect(database_url)  # a long transaction that wrote to the ledger
+    writer = await asyncpg.connect(database_url)
+    try:
+        long_transaction = busy.transaction()
+        await long_transaction.start()
+        await busy.execute(insert, uuid(events.ORG), year)
+        pruning = asyncio.ensure_future(
+            prune_command(settings, before_year=year, tombstone_days=400)
+        )
+        await asyncio.sleep(0.3)  # the prune is now waiting for its lock
+        waits = []
+        for _ in range(4):
+            started = time.monotonic()
+            await asyncio.wait_for(writer.execute(insert, uuid(events.ORG), year), 5)
+            waits.append(time.monotonic() - started)
+        assert not pruning.done()
+        await long_transaction.commit()
+        assert await asyncio.wait_for(pruning, 10) == 0
+    finally:
+        await busy.close()
+        await writer.close()
+    assert max(waits) < 1.6, waits
+    assert await db.fetchval("SELECT closed_through_year FROM engine_state") == year - 1
