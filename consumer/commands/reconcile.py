@@ -16,6 +16,7 @@ differences were found and left as they are.
 from __future__ import annotations
 
 import logging
+import time
 
 from consumer.commands.common import command_pool, table
 from consumer.ops.progress import Progress
@@ -66,9 +67,12 @@ async def reconcile_command(settings: Settings, *, year: int | None, fix: bool, 
                     f" row(s) read, {rebuilt.changed:,} changed, {rebuilt.summaries:,} summary"
                     " row(s) moved"
                 )
+            counting = time.monotonic()
             async with pool.acquire() as connection:
                 drift = await find_drift(connection, year, closed)
+            counted_s = time.monotonic() - counting
             _show(drift, year)
+            print(f"counted in {counted_s * 1000:.0f} ms without row locks")
             if not drift:
                 return 0
             with Progress("fix", len(drift), unit="mentor-years") as progress:
