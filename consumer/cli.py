@@ -174,6 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the engine on an embedded broker and Postgres")
     demo.add_argument("--seconds", type=float, default=None,
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
+    grant = commands.add_parser("grant", help="give ROLE the engine's privileges, no more "
+                                "(run as the role that ran migrate)")
+    grant.add_argument("role", metavar="ROLE")
+    grant.add_argument("--dry-run", action="store_true",
+                       help="print the SQL without applying it (default: apply and print)")
     return parser
 
 
@@ -221,6 +226,9 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
 
     table: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
         "migrate": lambda: maintenance.migrate_command(settings),
+        "grant": lambda: maintenance.grant_command(
+            settings, role=args.role, dry_run=args.dry_run
+        ),
         "run": lambda: run_service(settings),
         "replay": lambda: replay.replay_command(
             settings, from_beginning=args.from_beginning,

@@ -34,6 +34,45 @@ async def migrate_command(settings: Settings) -> int:
     return 0
 
 
+async def grant_command(settings: Settings, *, role: str, dry_run: bool) -> int:
+    """Print, and unless ``dry_run`` apply in one transaction, the GRANTs of
+    :mod:`consumer.store.grants` for ``role``."""
+    import asyncpg
+
+    from consumer.service import open_pool
+    from consumer.store.errors import MigrationRequired
+    from consumer.store.grants import grant_statements
+    from consumer.store.migrate import pending_migrations
+
+    pool = await open_pool(settings, max_size=1, statement_timeouts=False)
+    try:
+        async with pool.acquire() as connection:
+            if await pending_migrations(connection):
+                raise MigrationRequired("schema migrations are pending: run `milestones migrate`"
+                                        " first, then grant")
+            if not await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                raise SettingsError(f"role {role!r} does not exist: create it first"
+                                    f" (CREATE ROLE ... LOGIN PASSWORD '...')")
+            schema = await connection.fetchval("SELECT current_schema()")
+            statements = grant_statements(role, schema=schema)
+            if not dry_run:
+                try:
+                    async with connection.transaction():
+                        for statement in statements:
+                            await connection.execute(statement)
+                except asyncpg.InsufficientPrivilegeError as error:
+                    raise SettingsError(
+                        f"MILESTONES_DATABASE_URL: this role may not grant on the engine's tables"
+                        f" ({error}): run grant as the role that ran migrate"
+                    ) from None
+    finally:
+        await pool.close()
+    for statement in statements:
+        print(statement + ";")
+    print(f"-- {'not applied (--dry-run)' if dry_run else 'applied'}: {len(statements)} statements")
+    return 0
+
+
 async def reconcile_command(settings: Settings, *, year: int | None, fix: bool,
                             rebuild: bool) -> int:
     from consumer.commands.reconcile import reconcile_command as run_reconcile
