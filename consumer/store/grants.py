@@ -21,9 +21,14 @@ RUNTIME_PRIVILEGES: dict[str, tuple[str, ...]] = {
     "milestone_thresholds": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # thresholds unset
     "milestone_thresholds_history": ("SELECT", "INSERT"),
     "publisher_positions": ("SELECT", "INSERT", "UPDATE"),
+    "publisher_unrecorded": ("SELECT", "INSERT", "UPDATE", "DELETE"),  # settled by a replay
     "replay_positions": ("SELECT", "INSERT", "UPDATE"),
     "engine_state": ("SELECT",),
 }
+
+
+# Tables the engine's role never touches (a migration's record for the operator).
+NOT_GRANTED = frozenset({"milestone_thresholds_repaired"})
 
 
 def quote_identifier(name: str) -> str:

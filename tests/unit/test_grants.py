@@ -24,3 +24,19 @@ def test_the_engine_role_never_gets_truncate_references_trigger_or_schema_create
     assert statements[0].startswith("REVOKE ALL ON ALL TABLES")  # narrows on every run
     assert "DELETE" not in str(RUNTIME_PRIVILEGES["scenario_notifications"])
     assert "DELETE" not in str(RUNTIME_PRIVILEGES["activity_ledger"])
+
+
+def test_every_table_a_migration_creates_is_granted_or_knowingly_left_out() -> None:
+    """A new table needs a decision here, or the engine's role meets "permission denied"."""
+    import re
+
+    from consumer.store.grants import NOT_GRANTED
+    from consumer.store.migrate import available_migrations
+
+    created = {
+        name.lower()
+        for migration in available_migrations()
+        for name in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", migration.sql, re.I)
+    } | {"schema_migrations"}
+    assert created - set(RUNTIME_PRIVILEGES) - NOT_GRANTED == set()
+    assert set(RUNTIME_PRIVILEGES) <= created
