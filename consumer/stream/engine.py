@@ -385,7 +385,9 @@ class Engine:
                 )
             except Exception as error:
                 log.exception("decoding %s[%d]@%d raised", record.topic, record.partition,
-                              record.offset)
+                              record.offset, extra=fields(topic=record.topic,
+                                                          partition=record.partition,
+                                                          offset=record.offset))
                 result = unprocessable(record, error)
             if isinstance(result, Decoded):
                 envelopes.append(result.envelope)

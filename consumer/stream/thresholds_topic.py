@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from consumer.domain.thresholds import ThresholdsChange, latest_changes, validate_thresholds
+from consumer.ops.logs import fields
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store import thresholds_sql
 from consumer.stream.kafka import make_producer
@@ -95,6 +96,7 @@ def change_of(record: ConsumerRecord[bytes, bytes]) -> ThresholdsChange | None:
         log.warning(
             "%s[%d]@%d is not a valid thresholds.changed message, skipped: %s",
             record.topic, record.partition, record.offset, str(error).splitlines()[0],
+            extra=fields(topic=record.topic, partition=record.partition, offset=record.offset),
         )
         return None
     return ThresholdsChange(message.organization_id, thresholds, message.changed_at)

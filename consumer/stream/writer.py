@@ -111,9 +111,7 @@ class BatchWriter:
         except (RefusedContent, Unprocessable) as error:
             if len(envelopes) == 1:
                 envelope = envelopes[0]
-                where = fields(topic=envelope.topic, partition=envelope.partition,
-                               offset=envelope.offset, mentor_id=envelope.event.mentor_id,
-                               activity_id=getattr(envelope.event, "activity_id", None))
+                where = _where(envelope)
                 if isinstance(error, RefusedContent):
                     log.warning("database refused the message at %s[%d]@%d: %s", envelope.topic,
                                 envelope.partition, envelope.offset, error, extra=where)
@@ -199,7 +197,7 @@ class BatchWriter:
             # Only now, with the rest committed: a retry of a refused batch plans again.
             for envelope, raised in plan.unprocessable:
                 log.error("isolated a message whose planning raised: %s",
-                          exception_reason(raised), exc_info=raised)
+                          exception_reason(raised), exc_info=raised, extra=_where(envelope))
                 outcome.refused.append((envelope, exception_reason(raised), "unprocessable"))
             return result
 
@@ -237,3 +235,10 @@ class BatchWriter:
                     " a nested array): its milestones wait until the row is fixed, then"
                     " `milestones sweep` records them", organization_id,
                 )
+
+
+def _where(envelope: Envelope) -> dict[str, object]:
+    """The log fields of one message: its position and ids."""
+    return fields(topic=envelope.topic, partition=envelope.partition, offset=envelope.offset,
+                  mentor_id=envelope.event.mentor_id,
+                  activity_id=getattr(envelope.event, "activity_id", None))
