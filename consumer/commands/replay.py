@@ -117,9 +117,14 @@ class Survey:
     def has_topic(self, topic: str) -> bool:
         return any(tp.topic == topic for tp in self.ends)
 
-    def to_read(self) -> int:
-        """The records between the starts and the ends: the total the replay sets out to read."""
-        return sum(max(0, end - self.starts.get(tp, 0)) for tp, end in self.ends.items())
+    def to_read(self, topic: str | None = None) -> int:
+        """The records between the starts and the ends (of ``topic``, or of every input): the
+        total the replay sets out to read."""
+        return sum(
+            max(0, end - self.starts.get(tp, 0))
+            for tp, end in self.ends.items()
+            if topic is None or tp.topic == topic
+        )
 
 
 async def survey_inputs(settings: Settings, group_id: str, start: StartingPoint) -> Survey:
@@ -493,6 +498,8 @@ async def replay_command(
                     ):
                         if not survey.has_topic(topic):
                             log.warning("topic %s does not exist; nothing to replay there", topic)
+                        elif not survey.to_read(topic):  # no group join for nothing
+                            reading.events[topic] = 0
                         elif not await reading.topic(topic, kinds):
                             caught_up = False
                             break
