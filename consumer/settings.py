@@ -34,51 +34,97 @@ def _comma_list(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    # Each field's docstring is its description: `milestones --help` lists them.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", use_attribute_docstrings=True
+    )
 
     kafka_bootstrap_servers: str | None = None
+    """host:port[,host:port]; unset: only `demo` runs (embedded broker)"""
     database_url: SecretStr | None = None
+    """postgresql://user:password@host:port/db; unset: only `demo` runs"""
     group_id: str = Field("milestone-engine", min_length=1)
+    """the engine's consumer group (`replay` uses <group>-replay)"""
     activity_topic: str = Field("activity-logged", min_length=1)
+    """in: activity.logged and activity.deleted"""
     preferences_topic: str = Field("mentor-preferences", min_length=1)
+    """in: preferences.changed"""
     notification_topic: str = Field("milestone-notifications", min_length=1)
+    """out: milestone.reached"""
     dlq_topic: str = Field("activity-logged.dlq", min_length=1)
+    """out: rejected messages, byte for byte"""
     thresholds_topic: str = Field("milestone-thresholds", min_length=1)
+    """compacted: the organizations' thresholds"""
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
+    """consumer group session timeout"""
     kafka_request_timeout_ms: int = Field(15_000, ge=1_000)
+    """produce and fetch request timeout"""
     kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"""
     kafka_sasl_mechanism: SaslMechanism = "PLAIN"
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"""
     kafka_sasl_username: str | None = Field(None, min_length=1)
+    """SASL user"""
     kafka_sasl_password: SecretStr | None = None
+    """SASL password (never printed)"""
     kafka_ssl_cafile: FilePath | None = None
+    """PEM file of the CA to trust"""
     kafka_ssl_certfile: FilePath | None = None
+    """PEM client certificate"""
     kafka_ssl_keyfile: FilePath | None = None
+    """PEM client key"""
     thresholds: Annotated[tuple[int, ...], NoDecode] = (50, 100, 200)
+    """default milestones; an organization's row wins"""
     timezone: str = "Europe/Oslo"
+    """the calendar year of a session"""
     notify_grace_days: int = Field(31, ge=0)
+    """how long into a new year a past year's milestone still congratulates"""
     shutdown_timeout_s: float = Field(20.0, gt=0)
+    """time to finish the batch in hand on SIGTERM"""
     metrics_port: int = Field(9464, ge=0, le=65535)
+    """/metrics, /healthz, /readyz; 0 turns them off"""
     fault_point: FaultPoint | None = None
+    """testing only: SIGKILL at this step of the commit order"""
     fault_after: int = Field(1, ge=1)
+    """testing only: at the Nth time the step is reached"""
     counted_activity_types: Annotated[frozenset[str] | None, NoDecode] = None
+    """comma list of counted activity types; unset: all"""
     enable_idempotence: bool = False
+    """idempotent producer (a broker that supports it)"""
     batch_max_records: int = Field(3_000, ge=1)
+    """records per fetch, and so per batch"""
     poll_timeout_ms: int = Field(200, ge=1)
+    """how long a fetch waits for records"""
     fetch_max_wait_ms: int = Field(100, ge=0, le=30_000)
+    """how long the broker may hold a fetch that found nothing"""
     fetch_max_bytes: int = Field(52_428_800, ge=1024)
+    """bytes per fetch response"""
     max_partition_fetch_bytes: int = Field(1_048_576, ge=1024)
+    """bytes per partition per fetch"""
     database_connect_timeout_s: float = Field(15.0, gt=0)
+    """retries at start before exit 2"""
     retry_backoff_max_s: float = Field(5.0, gt=0)
+    """cap of the back-off while Postgres is away"""
     transaction_retries: int = Field(5, ge=0)
+    """immediate retries of a deadlocked batch"""
     batch_lanes: int = Field(2, ge=1, le=16)
+    """concurrent transactions per batch"""
     publisher_batch_max: int = Field(5_000, ge=1)
+    """notifications per publisher round"""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """DEBUG, INFO, WARNING or ERROR"""
     log_format: Literal["text", "json"] = "text"
+    """text or json"""
     status_timeout_s: float = Field(5.0, gt=0, le=300)
+    """status: seconds to wait for the broker"""
     status_max_lag: int | None = Field(None, ge=0)
+    """status: exit 1 above this total lag; unset: not checked"""
     status_max_pending_age_s: float | None = Field(None, ge=0)
+    """status: exit 1 when a notification waits longer; unset: not checked"""
     status_max_dead_letters_today: int | None = Field(None, ge=0)
+    """status: exit 1 above this many dead letters today; unset: not checked"""
     status_broker_required: bool = True
+    """status: exit 1 when the broker cannot be reached"""
 
     @field_validator("thresholds", mode="before")
     @classmethod
@@ -200,13 +246,13 @@ def describe_setting(field: str) -> str:
 
 
 def environment_help() -> str:
-    """Every variable with its default, read from the model (the epilog of ``--help``)."""
-    rows = [(ENV_PREFIX + name.upper(), _shown_default(info.default), info.description or "")
-            for name, info in Settings.model_fields.items()]
-    width = max(len(name) for name, _, _ in rows)
+    """Every variable with its default and description, read from the model (the epilog of
+    ``milestones --help``, so a new setting appears there by itself)."""
     lines = ["environment variables (a flag, where there is one, overrides its variable):"]
-    for name, default, description in rows:
-        lines.append(f"  {name.ljust(width)}  {default}" + (f"  {description}" if description else ""))
+    for name, info in Settings.model_fields.items():
+        lines.append(f"  {ENV_PREFIX}{name.upper()}={_shown_default(info.default)}")
+        if info.description:
+            lines.append(f"      {info.description}")
     return "\n".join(lines) + "\n"
 
 

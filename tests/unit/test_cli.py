@@ -79,10 +79,12 @@ def test_no_flag_no_override() -> None:
     assert setting_overrides(_parser().parse_args(["run"])) == {}
 
 
-def test_the_environment_help_lists_every_setting() -> None:
+def test_the_environment_help_lists_every_setting_with_its_description() -> None:
     text = environment_help()
-    for field in Settings.model_fields:
-        assert f"{ENV_PREFIX}{field.upper()} " in text
+    for field, info in Settings.model_fields.items():
+        assert f"{ENV_PREFIX}{field.upper()}=" in text
+        assert info.description, f"{field}: give it a docstring, `milestones --help` shows it"
+        assert info.description in text
 
 
 def test_milestones_help_lists_every_variable_and_the_exit_statuses() -> None:
