@@ -207,7 +207,7 @@ def _operator_commands(commands: Any) -> None:
     dead.add_argument("--since", metavar="T", help="only those dead-lettered at or after T "
                       "(ISO 8601, e.g. 2026-03-14 or 2026-03-14T10:00+01:00; default: all)")
     dead.add_argument("--reason", metavar="KIND", help="only this kind, e.g. invalid_json "
-                      "(the error header's first word; default: all)")
+                      "(the error_kind header; default: all)")
     dead.add_argument("--json", action="store_true", help="one JSON object per line (default: text lines)")
 
 

@@ -2,8 +2,8 @@
 
 Reads the dead-letter topic from its start to its end (no consumer group, nothing committed),
 within a bounded wait, and prints one line per dead letter as it is read: when it was
-dead-lettered, where it came from (its ``source_*`` headers), the reason kind and the ``error``
-header, and the start of the value with control characters escaped (safe for a terminal).
+dead-lettered, where it came from (its ``source_*`` headers), the reason kind (``error_kind``)
+and the ``error`` header, and the start of the value with control characters escaped (safe for a terminal).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from consumer.stream.topic_reader import TopicMissing, topic_records
 
 READ_TIMEOUT_S = 30.0
 VALUE_PREFIX_BYTES = 80
-# The error header starts with the reason kind where one applies: "invalid_json: ...".
+# A reason kind: a lowercase word, in the error_kind header or starting the error text.
 _KIND = re.compile(r"^([a-z][a-z0-9_]*):")
 
 
@@ -81,7 +81,9 @@ def _escape(char: str) -> str:
 def dead_letter_of(record: ConsumerRecord[bytes, bytes]) -> DeadLetter:
     headers = {name: printable(value, 1_000) for name, value in record.headers or ()}
     error = headers.get("error", "-")
-    match = _KIND.match(error)
+    # The error_kind header; older dead letters have only the error text, which starts with
+    # the kind for some reasons ("unprocessable: ...").
+    match = _KIND.match(headers.get("error_kind", "") + ":") or _KIND.match(error)
     stamp = datetime.fromtimestamp(record.timestamp / 1000, UTC) if record.timestamp else None
     return DeadLetter(
         dead_lettered_at=stamp.strftime("%Y-%m-%d %H:%M:%S UTC") if stamp else "-",

@@ -25,6 +25,8 @@ def dead_letter_headers(rejected: Rejected, not_copied: str = "") -> list[tuple[
         ("source_topic", record.topic.encode()),
         ("source_partition", str(record.partition).encode()),
         ("source_offset", str(record.offset).encode()),
+        # The reason's kind alone (e.g. invalid_json), for `milestones dead-letters --reason`.
+        ("error_kind", rejected.kind.encode()),
     ]
 
 

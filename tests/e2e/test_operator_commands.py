@@ -150,6 +150,15 @@ async def test_mentor_says_why_a_mentor_was_or_was_not_congratulated(
                                   [logged(opted_out, occurred_at=at) for _ in range(2)])
     await settle_notifications(kafka, topics.notifications, {nid(sent, YEAR, 2)})
     await eventually(db.statuses, lambda s: len(s) == 2 and "pending" not in s.values())
+    # A message the engine rejects is listed by dead-letters, found by its reason kind.
+    bad = await kafka.produce(topics.activity, b'{"not json', sent.encode())
+    await kafka.wait_for(topics.dlq, lambda records: len(records) >= 1)
+    code, out, err = await milestones(env, "dead-letters", "--reason", "invalid_json", "--json")
+    assert code == 0, out + err
+    [letter] = [json.loads(line) for line in out.splitlines()]
+    assert (letter["source_topic"], letter["source_partition"], letter["source_offset"]) == (
+        topics.activity, str(bad.partition), str(bad.offset))
+    assert letter["value_prefix"] == '{"not json'
     assert await engine.stop() == 0
     text_env = {**env, "MILESTONES_THRESHOLDS": "2,4"}
 
@@ -189,7 +198,7 @@ async def test_dead_letters_lists_filters_escapes_and_survives_head(
                 "source_offset": str(offset)}
 
     await kafka.produce(topics.dlq, b'{"oops\x1b[31m\x07', b"k",
-                        headers("invalid_json: invalid JSON or UTF-8: EOF", 7))
+                        {**headers("invalid JSON or UTF-8: EOF", 7), "error_kind": "invalid_json"})
     await kafka.produce(topics.dlq, None, b"k", headers("null_value: null value", 8))
     for offset in range(9, 60):
         await kafka.produce(topics.dlq, b"\xff\xfe", None, headers("future: occurred_at", offset))

@@ -325,7 +325,7 @@ def test_asyncapi_names_the_topics_and_dead_letter_headers() -> None:
                   "activity-logged.dlq"):
         assert f"address: {topic}\n" in text
         assert f"topic: {topic}\n" in text
-    for header in ("error", "source_topic", "source_partition", "source_offset"):
+    for header in ("error", "source_topic", "source_partition", "source_offset", "error_kind"):
         assert f"- {header}\n" in text
         assert f"    {header}:\n" in text
 
@@ -343,4 +343,4 @@ def test_asyncapi_document_structure() -> None:
     assert sorted(actions.values()) == ["receive", "receive", "receive", "send", "send", "send"]
     headers = document["components"]["messages"]["deadLetter"]["headers"]
     assert set(headers["required"]) == {"error", "source_topic", "source_partition",
-                                        "source_offset"}
+                                        "source_offset", "error_kind"}
