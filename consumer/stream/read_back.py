@@ -56,8 +56,11 @@ def notification_id_of(headers: Sequence[tuple[str, bytes]], value: bytes | None
             with contextlib.suppress(ValueError):
                 return UUID(raw.decode())
     if value:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            return UUID(json.loads(value)["notification_id"])
+        # Any bytes another producer wrote: not ours. An exception here ended every read-back
+        # at the same record, and the publisher, in doubt, never sent again.
+        with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
+            found = json.loads(value)["notification_id"]
+            return UUID(found) if isinstance(found, str) else None
     return None
 
 

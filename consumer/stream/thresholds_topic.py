@@ -19,6 +19,7 @@ from consumer.domain.thresholds import ThresholdsChange, latest_changes, validat
 from consumer.ops.logs import fields
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store import thresholds_sql
+from consumer.stream.decode import MAX_YEAR, MIN_YEAR
 from consumer.stream.kafka import make_producer
 from consumer.stream.teardown import within
 from consumer.stream.topic_reader import TopicMissing, topic_records
@@ -92,6 +93,12 @@ def change_of(record: ConsumerRecord[bytes, bytes]) -> ThresholdsChange | None:
         thresholds = (
             None if message.thresholds is None else validate_thresholds(message.thresholds)
         )
+        if not MIN_YEAR <= message.changed_at.year <= MAX_YEAR:
+            # The database could not take it (year 0 in UTC), and run restores at every start.
+            raise ValueError(
+                f"changed_at year {message.changed_at.year} is outside the years"
+                f" {MIN_YEAR} to {MAX_YEAR}"
+            )
     except (ValidationError, ValueError) as error:
         log.warning(
             "%s[%d]@%d is not a valid thresholds.changed message, skipped: %s",

@@ -131,3 +131,24 @@ async def test_a_record_too_large_for_the_dead_letter_topic_does_not_stall_its_p
     await eventually(db.counts, lambda counts: counts.get((mentor, 2026)) == 1)
     assert engine.returncode is None, engine.output()
     assert await engine.stop() == 0
+
+
+async def test_a_poison_record_on_the_thresholds_topic_does_not_stop_run_at_start(
+    engine_process: EngineLauncher, kafka: KafkaHelper, db: Db
+) -> None:
+    # run restores the thresholds from their topic before joining the group: a record whose
+    # changed_at the database cannot take stopped it at every start.
+    topic = f"thresholds-{new_id()}"
+    await kafka.create_topics([topic])
+    poisoned, fine = new_id(), new_id()
+    for organization_id, changed_at in [(poisoned, YEAR_ONE), (fine, "2026-03-01T00:00:00+00:00")]:
+        await kafka.produce_json(topic, {
+            "event_type": "thresholds.changed", "schema_version": 1,
+            "organization_id": organization_id, "thresholds": [7], "changed_at": changed_at,
+        }, key=organization_id.encode())
+    engine = engine_process({"MILESTONES_THRESHOLDS_TOPIC": topic})
+    await engine.wait_ready()
+    rows = await db.connection.fetch("SELECT organization_id, thresholds FROM milestone_thresholds")
+    assert {str(row["organization_id"]): list(row["thresholds"]) for row in rows} == {fine: [7]}
+    assert "is not a valid thresholds.changed message, skipped" in engine.output()
+    assert await engine.stop() == 0

@@ -26,6 +26,7 @@ from consumer.stream import engine as engine_module
 from consumer.stream.dead_letters import send_dead_letters
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS, Decoded, Rejected, decode
 from consumer.stream.engine import Engine
+from consumer.stream.read_back import notification_id_of
 from schemas.events import ActivityLogged
 from tests.support import events
 
@@ -257,3 +258,20 @@ async def test_a_dead_letter_too_large_to_copy_is_sent_without_its_bytes(
         assert (key, value) == (None, None)
         assert "the key and value are not copied" in error
     assert (b"ok", b"empty value") in [(v, h["error"]) for _, v, h in producer.sent]
+
+
+# --- a foreign record on the notification topic ---------------------------------------------
+
+@pytest.mark.parametrize(
+    "value",
+    [b'{"notification_id": 5}', b'{"notification_id": [1]}', b'{"notification_id": null}',
+     b"[" * 100_000, b'"text"', b"\xff", b'{"notification_id": "not-a-uuid"}'],
+)
+def test_the_read_back_skips_any_record_that_is_not_a_notification(value: bytes) -> None:
+    assert notification_id_of([], value) is None
+
+
+def test_the_read_back_still_finds_a_notification_by_its_header_or_value() -> None:
+    known = uuid.uuid4()
+    assert notification_id_of([("notification_id", str(known).encode())], None) == known
+    assert notification_id_of([], json.dumps({"notification_id": str(known)}).encode()) == known
