@@ -285,6 +285,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        refusal = _privilege_refusal(error)
+        if refusal is None:
+            raise
+        print(f"milestones: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _privilege_refusal(error: BaseException) -> str | None:
+    """A command run as a role without the privilege it needs (``prune`` as the engine's
+    role): one line, not a traceback. asyncpg is imported here, only once something failed."""
+    import asyncpg
+
+    if not isinstance(error, asyncpg.InsufficientPrivilegeError):
+        return None
+    return (f"MILESTONES_DATABASE_URL: this role may not do that ({error}); run it as the"
+            " schema's owner (see Least privilege in the README)")
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:

@@ -133,6 +133,10 @@ async def test_the_whole_engine_runs_as_a_role_with_only_the_granted_privileges(
 
     # reconcile --fix runs as the same role; prune replaces a trigger: the owner runs it.
     await _ok(engine_process(command, ("reconcile", "--year", "2026", "--fix")))
+    refused = engine_process(command, ("prune", "--before-year", "2020"))
+    assert await refused.wait(60) == 2, refused.output()
+    assert refused.stderr().startswith("milestones: MILESTONES_DATABASE_URL: this role may not")
+    assert "Traceback" not in refused.output()
     await _ok(engine_process(owner, ("prune", "--before-year", "2020")))
 
 
