@@ -158,13 +158,18 @@ async def test_reconcile_sweep_and_prune_beside_run_under_load_never_pause_it(
             await asyncio.sleep(2.0)  # traffic flows through run before the first repair
             # Drift on a third of this year's rows: counts lowered (a lower count delays a
             # milestone, a higher one would record it for good), and a few rows gone.
+            # Rows locked in key order first, as every writer does, so that the tampering
+            # itself cannot deadlock with a batch.
             tampered = await db.execute(
-                "UPDATE annual_summary SET session_count = session_count - 7"
-                " WHERE year = $1 AND get_byte(uuid_send(user_id), 15) % 3 = 0", year)
+                "WITH target AS (SELECT user_id FROM annual_summary WHERE year = $1"
+                " AND get_byte(uuid_send(user_id), 15) % 3 = 0 ORDER BY user_id FOR UPDATE)"
+                " UPDATE annual_summary s SET session_count = s.session_count - 7"
+                " FROM target t WHERE s.user_id = t.user_id AND s.year = $1", year)
             await db.execute(
-                "DELETE FROM annual_summary WHERE year = $1 AND user_id IN ("
-                " SELECT user_id FROM annual_summary WHERE year = $1 ORDER BY user_id LIMIT 20)",
-                year)
+                "WITH target AS (SELECT user_id FROM annual_summary WHERE year = $1"
+                " ORDER BY user_id LIMIT 20 FOR UPDATE)"
+                " DELETE FROM annual_summary s USING target t"
+                " WHERE s.user_id = t.user_id AND s.year = $1", year)
             produced_before = sum(sent.values())
             repair_started = time.monotonic()
             reconcile_s, reconcile_out = await run_command(engine_process, "reconcile", "--fix")
