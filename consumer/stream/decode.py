@@ -107,44 +107,43 @@ def decode(
             record, f"event_type {event.event_type} does not belong on {record.topic}",
             "unknown_event_type",
         )
-    out_of_range = _out_of_range(event)
-    if out_of_range is not None:
-        return Rejected(record, out_of_range, "out_of_range")
     stamp_ms = record.timestamp
     if not stamp_ms or stamp_ms <= 0:
         stamp_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     seconds: float | None = None
+    # Per type: the year range first (the conversions below could overflow outside it), then
+    # the future check. Inline, not a helper: a call per event cost more than both checks.
     if type(event) is ActivityLogged:
+        occurred_at = event.occurred_at
+        if not MIN_YEAR <= occurred_at.year <= MAX_YEAR:
+            return _out_of_range(record, "occurred_at", occurred_at.year)
         # Epoch seconds, computed once: the future check here and the year in planning use it.
-        seconds = event.occurred_at.timestamp()
+        seconds = occurred_at.timestamp()
         if seconds * 1000 > stamp_ms + MAX_FUTURE_MS:
             return Rejected(
                 record, "occurred_at is more than 24 hours after the record timestamp", "future"
             )
-    elif (
-        type(event) is PreferencesChanged
-        and event.changed_at.timestamp() * 1000 > stamp_ms + MAX_FUTURE_MS
-    ):
-        return Rejected(
-            record, "changed_at is more than 24 hours after the record timestamp", "future"
-        )
+    elif type(event) is PreferencesChanged:
+        changed_at = event.changed_at
+        if not MIN_YEAR <= changed_at.year <= MAX_YEAR:
+            return _out_of_range(record, "changed_at", changed_at.year)
+        if changed_at.timestamp() * 1000 > stamp_ms + MAX_FUTURE_MS:
+            return Rejected(
+                record, "changed_at is more than 24 hours after the record timestamp", "future"
+            )
+    elif isinstance(event, ActivityDeleted) and not MIN_YEAR <= event.deleted_at.year <= MAX_YEAR:
+        return _out_of_range(record, "deleted_at", event.deleted_at.year)
     envelope = Envelope(
         event, position, record.topic, record.partition, record.offset, stamp_ms, seconds
     )
     return Decoded(envelope, record.key != _key_of(event.mentor_id))
 
 
-def _out_of_range(event: Event) -> str | None:
-    """The reason when the event's timestamp is outside the supported years, else None."""
-    if isinstance(event, ActivityLogged):
-        field, stamp = "occurred_at", event.occurred_at
-    elif isinstance(event, PreferencesChanged):
-        field, stamp = "changed_at", event.changed_at
-    else:
-        field, stamp = "deleted_at", event.deleted_at
-    if MIN_YEAR <= stamp.year <= MAX_YEAR:
-        return None
-    return f"{field} year {stamp.year} is outside the years {MIN_YEAR} to {MAX_YEAR}"
+def _out_of_range(record: RawRecord, field: str, year: int) -> Rejected:
+    return Rejected(
+        record, f"{field} year {year} is outside the years {MIN_YEAR} to {MAX_YEAR}",
+        "out_of_range",
+    )
 
 
 _KEYS: dict[int, bytes] = {}

@@ -13,11 +13,15 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import Db, eventually, nid, settle_notifications
 from tests.support.engine import EngineLauncher
 from tests.support.events import logged, new_id
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics
+
+pytestmark = pytest.mark.e2e
 
 YEAR_ONE = "0001-01-01T00:00:00+01:00"
 PLANNING_POISON_AT = "2026-02-02T02:02:02.020202+00:00"
