@@ -92,11 +92,7 @@ async def verify_kafka_access(settings: Settings) -> None:
             f" ({error.verify_message})"
         ) from None
     except ssl.SSLError as error:
-        raise KafkaAccessRefused(
-            f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL: the TLS handshake with {host}:{port} failed"
-            f" ({error.reason or error}; a broker that wants a client certificate needs"
-            f" {ENV_PREFIX}KAFKA_SSL_CERTFILE)"
-        ) from None
+        raise _tls_refused(host, port, error) from None
     except SaslAuthenticationFailed:
         raise KafkaAccessRefused(
             f"{ENV_PREFIX}KAFKA_SASL_PASSWORD: {host}:{port} refused user"
@@ -107,10 +103,28 @@ async def verify_kafka_access(settings: Settings) -> None:
             f"{ENV_PREFIX}KAFKA_SASL_MECHANISM: {host}:{port} does not accept"
             f" {settings.kafka_sasl_mechanism}"
         ) from None
-    except (TimeoutError, OSError, KafkaError):
+    except (TimeoutError, OSError, KafkaError) as error:
+        # With TLS 1.3 a refused client certificate arrives as an alert after the handshake:
+        # aiokafka reports the closed connection, the TLS error is its cause.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, ssl.SSLError):
+            raise _tls_refused(host, port, cause) from None
         return  # not answering (yet): the callers' start-up retries decide
     connection.close()
     _verified.add(key)
+
+
+def _tls_refused(host: str, port: int, error: ssl.SSLError) -> KafkaAccessRefused:
+    reason = error.reason or str(error)
+    if "CERTIFICATE_REQUIRED" in reason.upper() or "BAD_CERTIFICATE" in reason.upper():
+        return KafkaAccessRefused(
+            f"{ENV_PREFIX}KAFKA_SSL_CERTFILE: {host}:{port} wants a client certificate it"
+            f" trusts ({reason})"
+        )
+    return KafkaAccessRefused(
+        f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL: the TLS handshake with {host}:{port} failed"
+        f" ({reason})"
+    )
 
 
 def make_admin(settings: Settings) -> AIOKafkaAdminClient:

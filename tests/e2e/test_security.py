@@ -212,27 +212,44 @@ async def _refused_run(engine_process: EngineLauncher, env: dict[str, str]) -> t
     return _one_line(engine), elapsed
 
 
+@pytest.mark.parametrize(("mechanism", "tls"), [("PLAIN", True), ("SCRAM-SHA-256", False)])
 async def test_a_wrong_kafka_password_stops_run_with_one_line_and_exit_2(
-    engine_process: EngineLauncher, certificates: Certificates, tmp_path: Path
+    engine_process: EngineLauncher, certificates: Certificates, tmp_path: Path, mechanism: str,
+    tls: bool,
 ) -> None:
-    async with secured_broker(certificates, tmp_path, tls=False) as broker:
+    """PLAIN only over TLS (aiokafka warns about a password in the clear otherwise)."""
+    if tls:
+        require_tool("stunnel", "stunnel4")
+    async with secured_broker(certificates, tmp_path, tls=tls) as broker:
         wrong = "wrong-" + secrets.token_hex(8)
-        line, elapsed = await _refused_run(engine_process, broker.env("SCRAM-SHA-256", password=wrong))
+        line, elapsed = await _refused_run(engine_process, broker.env(mechanism, password=wrong))
     assert line.startswith("milestones: MILESTONES_KAFKA_SASL_PASSWORD:"), line
-    assert "refused user 'milestone-engine' with SCRAM-SHA-256" in line
+    assert f"refused user 'milestone-engine' with {mechanism}" in line
     assert wrong not in line
     assert broker.password not in line
     assert elapsed < 12, f"took {elapsed:.1f} s: a refusal must not be retried"
 
 
 @pytest.mark.usefixtures("stunnel_installed")
-async def test_an_untrusted_broker_certificate_stops_run_with_one_line_and_exit_2(
-    engine_process: EngineLauncher, certificates: Certificates, tmp_path: Path
+@pytest.mark.parametrize(
+    ("client_cert_wanted", "trusted", "variable", "says"),
+    [
+        (False, False, "MILESTONES_KAFKA_SSL_CAFILE", "not trusted"),
+        (True, True, "MILESTONES_KAFKA_SSL_CERTFILE", "wants a client certificate"),
+    ],
+    ids=["untrusted broker certificate", "missing client certificate"],
+)
+async def test_a_tls_refusal_stops_run_with_one_line_naming_the_file_and_exit_2(
+    engine_process: EngineLauncher, certificates: Certificates, tmp_path: Path,
+    client_cert_wanted: bool, trusted: bool, variable: str, says: str,
 ) -> None:
-    async with secured_broker(certificates, tmp_path, tls=True) as broker:
-        line, elapsed = await _refused_run(engine_process, broker.env(cafile=certificates.stranger_ca))
-    assert line.startswith("milestones: MILESTONES_KAFKA_SSL_CAFILE:"), line
-    assert "not trusted" in line
+    async with secured_broker(
+        certificates, tmp_path, tls=True, require_client_cert=client_cert_wanted
+    ) as broker:
+        cafile = certificates.ca if trusted else certificates.stranger_ca
+        line, elapsed = await _refused_run(engine_process, broker.env(cafile=cafile))
+    assert line.startswith(f"milestones: {variable}:"), line
+    assert says in line
     assert broker.password not in line
     assert elapsed < 12, f"took {elapsed:.1f} s: a refusal must not be retried"
 
