@@ -16,11 +16,13 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from aiokafka.errors import KafkaError
 
+from consumer.domain.calendar import session_year
 from consumer.faults import FaultInjector
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import Metrics
@@ -381,7 +383,7 @@ async def report_summary_drift(
     """At start, in the background: say in the log when annual_summary disagrees with the
     ledger this year. Bounded: on a ledger too large to recount within ``budget_s`` it says
     so and leaves the full check to ``milestones reconcile``."""
-    year = time_year(settings)
+    year = session_year(datetime.now(UTC), settings.tz)  # this year where the mentors live
     try:
         found = await startup_drift(pool, year, budget_s=budget_s)
         if found is None:
@@ -403,9 +405,3 @@ async def report_summary_drift(
         )
     else:
         log.info("annual_summary agrees with the ledger for %d", year)
-
-
-def time_year(settings: Settings) -> int:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).astimezone(settings.tz).year

@@ -109,40 +109,6 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
-class Crossing:
-    """The session at which the running count first reached a threshold in this batch."""
-
-    activity_id: UUID
-    occurred_at: datetime | None
-    record_timestamp_ms: int
-
-
-def walk(
-    count_after: int, steps: Sequence[Step], thresholds: Sequence[int]
-) -> tuple[int, dict[int, Crossing]]:
-    """Replay a batch's steps from the count before it; return the peak and the crossings.
-
-    The peak, not the final count, decides what was reached: a session logged and deleted in
-    the same batch still reached its milestone, as it would have one event at a time. Only
-    thresholds above the count before the batch get a crossing; the others were reached
-    earlier (a threshold added later, an organization change) and have none.
-    """
-    running = count_after - sum(step.delta for step in steps)
-    peak = running
-    crossings: dict[int, Crossing] = {}
-    pending = [threshold for threshold in thresholds if threshold > running]
-    for step in steps:
-        running += step.delta
-        if running > peak:
-            peak = running
-            while pending and pending[0] <= running:
-                crossings[pending.pop(0)] = Crossing(
-                    step.activity_id, step.occurred_at, step.record_timestamp_ms
-                )
-    return peak, crossings
-
-
-@dataclass(frozen=True, slots=True)
 class MilestoneRecord:
     """A row for ``scenario_notifications``: what the batch transaction inserts."""
 
@@ -170,7 +136,6 @@ def decide(
     opted_out: bool,
     late: bool,
     suppress_before_ms: int | None = None,
-    evaluated_at_ms: int = 0,
     thresholds_of: Callable[[UUID], Sequence[int]] | None = None,
 ) -> list[MilestoneRecord]:
     """The records one mentor-year needs after a batch, in the order they were reached.
@@ -187,8 +152,8 @@ def decide(
     ``thresholds_of`` gives another organization's. ``suppress_before_ms`` is the
     ``replay --no-notify`` rule: a milestone reached by a session whose Kafka record is older
     than the replay's start is recorded as suppressed; one without a crossing is judged by the
-    record of the step that evaluated it. Without steps (a plain re-evaluation) the count after
-    is judged once, under ``organization_id``, as of ``evaluated_at_ms``.
+    record of the step that evaluated it. Without steps nothing changed, so nothing is recorded
+    (``sweep`` re-evaluates counts in SQL, not here).
     """
     running = count_after - sum(step.delta for step in steps)
     already = set(recorded)
@@ -196,8 +161,6 @@ def decide(
     # summary, which is the final one when no step brings an organization.
     current = None if any(step.organization_id for step in steps) else organization_id
     records: list[MilestoneRecord] = []
-    if not steps:
-        steps = [Step(0, mentor_id, None, evaluated_at_ms)]
     due_under: Sequence[int] | None = None  # the thresholds ``due`` was computed for
     due: float = 0
     for step in steps:

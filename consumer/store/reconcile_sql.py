@@ -33,11 +33,12 @@ from uuid import UUID
 
 import asyncpg
 
+from consumer.store.keyset import NIL
+
 log = logging.getLogger(__name__)
 
 FIX_CHUNK_KEYS = 1_000
 REBUILD_CHUNK_ROWS = 10_000
-NIL = UUID(int=0)
 # Any constant works; it only has to differ from the other advisory locks of the database.
 REPAIR_LOCK_KEY = 0x6D732D7265706169  # "ms-repai"
 

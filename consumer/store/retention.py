@@ -23,9 +23,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
 import asyncpg
+
+from consumer.store.keyset import NIL
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ SELECT count(*)::bigint FROM activity_ledger
 WHERE mentor_id IS NULL AND recorded_at < now() - make_interval(days => $1)
 """
 
-NIL = UUID(int=0)
 
 
 async def read_closed_through_year(db: Any) -> int | None:

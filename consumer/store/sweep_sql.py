@@ -30,8 +30,8 @@ from uuid import UUID
 import asyncpg
 
 from consumer.domain.milestones import notification_id
+from consumer.store.keyset import NIL
 
-NIL = UUID(int=0)
 SWEEP_WORKERS = 2
 
 # $1 year, $2 after this user_id ({op}: >= for the first chunk of a range, then >), $3 below

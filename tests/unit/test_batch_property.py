@@ -32,10 +32,6 @@ from consumer.domain.milestones import MilestoneRecord, decide
 from schemas.events import ActivityDeleted, ActivityLogged, PreferencesChanged
 
 OSLO = ZoneInfo("Europe/Oslo")
-# Bridge while the core learns to judge each step by its own organization (decide's
-# ``thresholds_of``): with it, the organization-switch cases below must pass and the
-# "free organizations" property runs; without it they are known failures. Once it has landed,
-# drop this flag and pass thresholds_of unconditionally.
 
 
 def _id(kind: str, index: int) -> uuid.UUID:
@@ -158,7 +154,6 @@ class Store:
                 "opted_out": preference is not None and not preference[0],
                 "late": is_late(year, config.db_now, OSLO, config.grace_days),
                 "suppress_before_ms": config.suppress_before_ms,
-                "evaluated_at_ms": change.newest_timestamp_ms,
                 "thresholds_of": lambda org: config.overrides.get(org, config.default),
             }
             records = decide(**arguments)
@@ -473,7 +468,6 @@ def test_organization_switches_with_other_thresholds_do_not_depend_on_batching(
 # the thresholds of the organization of its *last* counted session disagrees with the contract
 # applied one event at a time, where each session is judged by the organization it was logged
 # under. These are the two minimal shapes hypothesis found against such a core.
-
 
 
 def _log(activity: int, org: int, offset: int) -> tuple[Event, int]:

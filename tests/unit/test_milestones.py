@@ -1,5 +1,5 @@
-"""The evaluator's rules: the task card's unit cases, then tables for ``evaluate``, ``walk``
-and ``decide``, then the deterministic notification id.
+"""The evaluator's rules: the task card's unit cases, then tables for ``evaluate`` and
+``decide``, then the deterministic notification id.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 
 from consumer.domain.milestones import (
     NOTIFICATION_NAMESPACE,
-    Crossing,
     Decision,
     MilestoneRecord,
     Step,
@@ -20,7 +19,6 @@ from consumer.domain.milestones import (
     evaluate,
     normalize_thresholds,
     notification_id,
-    walk,
 )
 
 DEFAULT = (50, 100, 200)
@@ -62,7 +60,6 @@ def decide_simple(
     year: int = 2026,
     mentor_id: uuid.UUID = MENTOR,
     suppress_before_ms: int | None = None,
-    evaluated_at_ms: int = 0,
 ) -> list[MilestoneRecord]:
     return decide(
         mentor_id=mentor_id,
@@ -75,7 +72,6 @@ def decide_simple(
         opted_out=opted_out,
         late=late,
         suppress_before_ms=suppress_before_ms,
-        evaluated_at_ms=evaluated_at_ms,
     )
 
 
@@ -233,54 +229,6 @@ def test_non_positive_threshold_is_refused(given: list[int]) -> None:
         normalize_thresholds(given)
 
 
-# --- walk: the table -------------------------------------------------------------------------
-
-WALK_TABLE: list[tuple[str, int, str, tuple[int, ...], int, dict[int, str]]] = [
-    # id, count before the batch, steps, thresholds, expected peak, expected crossings
-    ("no steps", 3, "", SMALL, 3, {}),
-    ("two sessions from zero", 0, "+a +b", SMALL, 2, {2: "b"}),
-    ("one session crosses one", 1, "+a", SMALL, 2, {2: "a"}),
-    ("several crossings in one batch", 1, "+a +b +c +d", SMALL, 5, {2: "a", 3: "b", 5: "d"}),
-    ("first reach wins after a dip", 1, "+a -x +b", SMALL, 2, {2: "a"}),
-    ("a dip then a new crossing", 1, "+a -x +b +c", SMALL, 3, {2: "a", 3: "c"}),
-    ("log and delete in one batch still reach", 1, "+a -a", SMALL, 2, {2: "a"}),
-    ("delete then log back to the same count", 2, "-x +a", SMALL, 2, {}),
-    ("deletes only", 4, "-x -g", SMALL, 4, {}),
-    ("already above: no crossing for reached thresholds", 4, "+a", SMALL, 5, {5: "a"}),
-    ("exactly at a threshold before the batch", 3, "+a +b", SMALL, 5, {5: "b"}),
-    ("no thresholds", 0, "+a +b +c", (), 3, {}),
-    ("thresholds out of reach", 0, "+a", (10, 20), 1, {}),
-    ("down then up past the old peak", 2, "-x -g +a +b +c", SMALL, 3, {3: "c"}),
-]
-
-
-@pytest.mark.parametrize(
-    ("before", "spec", "thresholds", "peak", "crossings"),
-    [pytest.param(*row[1:], id=row[0]) for row in WALK_TABLE],
-)
-def test_walk_table(
-    before: int, spec: str, thresholds: tuple[int, ...], peak: int, crossings: dict[int, str]
-) -> None:
-    steps = steps_of(spec)
-    count_after = before + sum(s.delta for s in steps)
-    got_peak, got = walk(count_after, steps, thresholds)
-    assert got_peak == peak
-    expected = {
-        value: Crossing(IDS[name], step(name).occurred_at, step(name).record_timestamp_ms)
-        for value, name in crossings.items()
-    }
-    assert got == expected
-
-
-def test_crossing_activity_is_the_first_session_at_which_the_running_count_reached_it() -> None:
-    # Counts 1, 2 (a reaches 2), 1, 2 again (c does not "reach" 2 a second time), 3 (d).
-    _, crossings = walk(3, steps_of("+a +b -a +c +d"), SMALL)
-    assert {value: c.activity_id for value, c in crossings.items()} == {
-        2: IDS["b"],
-        3: IDS["d"],
-    }
-
-
 # --- decide: the table -----------------------------------------------------------------------
 
 Expected = tuple[int, str, str | None, int]  # value, status, crossing activity name, session_count
@@ -299,8 +247,7 @@ DECIDE_TABLE: list[tuple[str, int, str, tuple[int, ...], list[int], bool, bool, 
      [(2, "pending", None, 6), (3, "pending", None, 6), (5, "pending", "a", 5)]),
     ("reached before, batch only deletes", 4, "-x", SMALL, [2], False, False,
      [(3, "pending", None, 3)]),
-    ("sweep: no steps", 3, "", SMALL, [], False, False,
-     [(2, "pending", None, 3), (3, "pending", None, 3)]),
+    ("no steps: nothing changed, nothing recorded", 3, "", SMALL, [], False, False, []),
     ("opted out: suppressed", 1, "+a +b", SMALL, [], True, False,
      [(2, "suppressed", "a", 2), (3, "suppressed", "b", 3)]),
     ("late year: suppressed", 1, "+a", SMALL, [], False, True, [(2, "suppressed", "a", 2)]),
@@ -309,6 +256,12 @@ DECIDE_TABLE: list[tuple[str, int, str, tuple[int, ...], list[int], bool, bool, 
     ("no thresholds", 10, "+a", (), [], False, False, []),
     ("all recorded", 10, "+a", SMALL, [2, 3, 5], False, False, []),
     ("count below a recorded milestone rises again", 2, "-x +a", SMALL, [2], False, False, []),
+    ("first reach wins after a dip", 1, "+a -x +b", SMALL, [], False, False,
+     [(2, "pending", "a", 2)]),
+    ("a dip then a new crossing", 1, "+a -x +b +c", SMALL, [], False, False,
+     [(2, "pending", "a", 2), (3, "pending", "c", 3)]),
+    ("the crossing is the first session at which the running count reached it", 0,
+     "+a +b -a +c +d", SMALL, [], False, False, [(2, "pending", "b", 2), (3, "pending", "d", 3)]),
 ]
 
 
@@ -381,20 +334,23 @@ def test_no_notify_replay_judges_each_crossing_by_its_own_record() -> None:
 @pytest.mark.parametrize(
     ("evaluated_at_ms", "status"),
     [
-        pytest.param(999, "suppressed", id="batch older than the replay start"),
-        pytest.param(1_000, "pending", id="batch at the replay start"),
+        pytest.param(999, "suppressed", id="step older than the replay start"),
+        pytest.param(1_000, "pending", id="step at the replay start"),
     ],
 )
-def test_no_notify_replay_judges_a_milestone_without_crossing_by_the_batch(
+def test_no_notify_replay_judges_a_milestone_without_crossing_by_the_step_that_evaluated_it(
     evaluated_at_ms: int, status: str
 ) -> None:
+    # 2 and 3 were reached before the batch (a threshold added later): no crossing session.
     records = decide_simple(
-        count_after=2,
+        count_after=4,
+        steps=[step("a", timestamp_ms=evaluated_at_ms)],
         thresholds=SMALL,
         suppress_before_ms=1_000,
-        evaluated_at_ms=evaluated_at_ms,
     )
-    assert [(r.milestone_value, r.status, r.activity_id) for r in records] == [(2, status, None)]
+    assert [(r.milestone_value, r.status, r.activity_id) for r in records] == [
+        (2, status, None), (3, status, None)
+    ]
 
 
 def test_no_notify_replay_never_unsuppresses_an_opt_out() -> None:
