@@ -27,6 +27,7 @@ from consumer.faults import FaultInjector
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import Metrics
 from consumer.ops.probes import BrokerContact, PendingGauge
+from consumer.retry import Backoff
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.catalog import estimated_rows
 from consumer.store.errors import DatabaseRefused, StoreUnavailable
@@ -124,18 +125,17 @@ async def open_pool(
 async def start_client(client: Any, settings: Settings) -> None:
     """Start an aiokafka client, retrying while the broker is still coming up; refused
     credentials or an untrusted certificate stop at once (:class:`KafkaAccessRefused`)."""
-    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+    backoff = Backoff(0.5, 0.5, jitter=False, give_up_after_s=BROKER_START_TIMEOUT_S)
     while True:
         try:
             await started(client, settings)
             return
         except KafkaError as error:
-            if time.monotonic() > deadline:
+            if not await backoff.wait():
                 raise SettingsError(
                     f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
                     f"{BROKER_START_TIMEOUT_S:g} s ({type(error).__name__})"
                 ) from None
-            await asyncio.sleep(0.5)
 
 
 def batch_options(settings: Settings, *, suppress_before_ms: int | None = None) -> BatchOptions:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ import asyncpg
 from consumer.domain.batch import BatchPlan, Removed, YearChange, tally, thresholds_for
 from consumer.domain.calendar import is_late
 from consumer.domain.milestones import MilestoneRecord, decide, stored_thresholds
+from consumer.retry import Backoff
 from consumer.store import batch_sql
 from consumer.store.errors import DatabaseRefused, StoreError, StoreUnavailable, classify
 
@@ -54,8 +53,7 @@ async def connect_pool(
     statement_timeouts: bool = True,
 ) -> asyncpg.Pool:
     """Open a pool, retrying for ``timeout_s`` so a database still starting is waited for."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.2
+    backoff = Backoff(0.2, 2.0, jitter=False, give_up_after_s=timeout_s)
     while True:
         try:
             return await asyncpg.create_pool(
@@ -72,10 +70,8 @@ async def connect_pool(
             refusal = _refusal(error)
             if refusal is not None:
                 raise DatabaseRefused(refusal) from None
-            if time.monotonic() + delay > deadline:
+            if not await backoff.wait():
                 raise StoreUnavailable(f"database unreachable: {error}") from None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 def _refusal(error: BaseException) -> str | None:

@@ -18,7 +18,6 @@ the role that runs ``migrate``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import asyncpg
 
+from consumer.retry import Backoff
 from consumer.store.keyset import NIL
 
 log = logging.getLogger(__name__)
@@ -95,17 +95,16 @@ async def read_closed_through_year(db: Any) -> int | None:
 
 async def close_years(connection: asyncpg.Connection, through_year: int) -> int:
     """Close every year ``<= through_year`` (never lowering the watermark); return it."""
-    attempt = 0
+    backoff = Backoff(CLOSE_RETRY_PAUSE_S, CLOSE_RETRY_PAUSE_S, jitter=False)
     while True:
-        attempt += 1
         try:
             return await _close_years_once(connection, through_year)
         except asyncpg.LockNotAvailableError:
             log.warning(
                 "prune: the ledger is busy (attempt %d: its lock not granted within %d ms);"
-                " trying again", attempt, CLOSE_LOCK_TIMEOUT_MS,
+                " trying again", backoff.attempts + 1, CLOSE_LOCK_TIMEOUT_MS,
             )
-            await asyncio.sleep(CLOSE_RETRY_PAUSE_S)
+            await backoff.wait()
 
 
 async def _close_years_once(connection: asyncpg.Connection, through_year: int) -> int:

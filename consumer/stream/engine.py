@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from consumer.domain.batch import Envelope, Event
 from consumer.faults import FaultInjector
 from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
+from consumer.retry import Backoff
 from consumer.stream.dead_letters import send_dead_letters
 from consumer.stream.decode import Decoded, RawRecord, Rejected, decode, unprocessable
 from consumer.stream.kafka import broker_trouble
@@ -170,7 +170,7 @@ class Engine:
         in parallel). Its dead letters, transaction and commit still wait for this batch's
         commit, so the commit order is unchanged.
         """
-        fetch_delay = 0.2
+        fetch_backoff = Backoff(0.2, 5.0)
         upcoming: asyncio.Task[Prepared] | None = None
         retired: Prepared | None = None  # the batch just committed, freed by the next prefetch
         try:
@@ -179,12 +179,12 @@ class Engine:
                     prepared = await (upcoming or asyncio.ensure_future(self._prepare()))
                 except KafkaError as error:
                     upcoming = None
-                    log.warning("fetch failed (%s); retrying in %.1f s", error, fetch_delay)
-                    await _sleep_unless(stop, fetch_delay * random.uniform(0.5, 1.0))
-                    fetch_delay = min(fetch_delay * 2, 5.0)
+                    log.warning("fetch failed (%s); retrying in %.1f s", error,
+                                fetch_backoff.step_s)
+                    await fetch_backoff.wait(stop)
                     continue
                 upcoming = None
-                fetch_delay = 0.2
+                fetch_backoff.reset()
                 if prepared.generation != self._generation:
                     prepared = self._refresh(prepared)  # a rebalance came in between
                 if prepared.batch:
@@ -408,7 +408,7 @@ class Engine:
         return envelopes, rejected
 
     async def _dead_letter(self, rejected: Sequence[Rejected]) -> None:
-        delay = 0.2
+        backoff = Backoff(0.2, 5.0)
         while rejected:
             try:
                 await send_dead_letters(self._dlq_producer, self._dlq_topic, rejected)
@@ -416,9 +416,10 @@ class Engine:
             except Exception as error:
                 if not broker_trouble(error):
                     raise
-                log.warning("dead-letter send failed (%s); retrying in %.1f s", error, delay)
-                await self.idle_poll(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                log.warning("dead-letter send failed (%s); retrying in %.1f s", error,
+                            backoff.step_s)
+                # Waiting by polling the paused partitions keeps the engine in its group.
+                await backoff.wait(sleep=self.idle_poll)
 
     def _observe_counting_latency(self, batch: Batch) -> None:
         """One observation per committed batch: record timestamp to now, for its oldest record.
@@ -476,8 +477,3 @@ class Engine:
         if error is not None:
             raise error
         return True
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -20,14 +20,13 @@ One cycle, numbered as in the code:
   5. mark the acknowledged rows published with their partition and offset, one UPDATE over
      arrays on the lease connection      fails: lost lease -> rows stay pending; the next
                                          lease holder reads back and marks them
-Every wait between attempts is a capped exponential backoff with jitter.
+Every wait between attempts is a capped exponential backoff with jitter (``consumer/retry.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 from uuid import UUID
@@ -39,6 +38,7 @@ from pydantic import ValidationError
 from consumer.faults import FaultInjector
 from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
+from consumer.retry import Backoff
 from consumer.settings import Settings
 from consumer.store.errors import StoreUnavailable, classify
 from consumer.store.outbox_sql import ADVANCE_POSITIONS, MARK_SENT, SELECT_PENDING
@@ -110,7 +110,7 @@ class Publisher:
         database connection has lost the lease with it, while a broker error leaves the
         outcome of the sends in hand unknown.
         """
-        backoff = _Backoff(self._settings.retry_backoff_max_s)
+        backoff = Backoff(0.2, self._settings.retry_backoff_max_s)
         while not stop.is_set():
             try:
                 # 1. the lease
@@ -313,19 +313,3 @@ class Publisher:
                 )
         return oldest_waited_s
 
-
-class _Backoff:
-    """Capped exponential backoff with jitter: 0.2 s doubling to ``cap_s``, each drawn in [½, 1]."""
-
-    def __init__(self, cap_s: float, first_s: float = 0.2) -> None:
-        self._cap_s = cap_s
-        self._first_s = first_s
-        self._delay_s = first_s
-
-    def reset(self) -> None:
-        self._delay_s = self._first_s
-
-    def next(self) -> float:
-        delay = self._delay_s * random.uniform(0.5, 1.0)
-        self._delay_s = min(self._delay_s * 2, self._cap_s)
-        return delay

@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from consumer.ops.metrics import Metrics
+from consumer.retry import Backoff
 from consumer.settings import Settings
 from consumer.store.outbox_sql import READ_POSITIONS, SET_POSITIONS, SETTLE_FOUND
 from consumer.stream.kafka import make_consumer, started
@@ -222,12 +223,11 @@ class _Tally:
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    deadline = time.monotonic() + 30
+    backoff = Backoff(0.5, 0.5, jitter=False, give_up_after_s=30)
     while True:
         await consumer.topics()
         found = consumer.partitions_for_topic(topic)
         if found:
             return sorted(found)
-        if time.monotonic() > deadline:
+        if not await backoff.wait():
             raise KafkaTimeoutError(f"topic {topic} not found")
-        await asyncio.sleep(0.5)

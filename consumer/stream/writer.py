@@ -19,6 +19,7 @@ import asyncpg
 from consumer.domain.batch import Envelope, plan_batch, split_lanes
 from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
+from consumer.retry import Backoff
 from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
 from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
 from consumer.store.retention import read_closed_through_year
@@ -161,7 +162,7 @@ class BatchWriter:
             closed_through_year=self.closed_through_year,
         )
         conflicts = 0
-        delay = 0.1
+        backoff = Backoff(0.1, self._backoff_max_s)
         while True:
             started = time.perf_counter()
             try:
@@ -175,6 +176,8 @@ class BatchWriter:
                     conflicts += 1
                     self._metrics.inc("milestones_batch_retries_total", cause="conflict")
                     log.info("batch transaction conflicted (%s); retrying", mapped)
+                    # Not the outage back-off: the other transaction ends within milliseconds,
+                    # so a short pause, spread at random over a range that grows per conflict.
                     await asyncio.sleep(random.uniform(0, 0.05 * conflicts))
                     continue
                 if mapped is None and not isinstance(error, asyncpg.PostgresError):
@@ -183,10 +186,10 @@ class BatchWriter:
                     raise
                 self._metrics.inc("milestones_batch_retries_total", cause="unavailable")
                 self._on_unavailable(True)
-                log.warning("database unavailable (%s); retrying in %.1f s", mapped, delay)
+                log.warning("database unavailable (%s); retrying in %.1f s", mapped,
+                            backoff.step_s)
                 async with self._wait_lock:
-                    await self._wait(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self._backoff_max_s)
+                    await backoff.wait(sleep=self._wait)
                 conflicts = 0
                 continue
             self._on_unavailable(False)
