@@ -33,45 +33,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks import infra, report, scenarios
-from benchmarks.workload import Workload, make_mentors, make_workload
+from benchmarks.run import ALL, DEFAULT_POSTGRES, RESULTS, Config, Run
+from benchmarks.workload import make_mentors, make_workload
 
-DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-ALL = "abcdef"
 EXIT_CHECKS_FAILED = 3
-
-
-@dataclass
-class Config:
-    events: int = 1_000_000
-    mentors: int = 10_000
-    seed_rows: int = 5_000_000
-    rounds: int = 3
-    partitions: int = 8
-    only: str = ALL
-    seed: int = 1
-    duplicate_share: float = 0.01
-    per_event_seconds: float = 15.0
-    latency_rate: int = 2_000
-    latency_seconds: float = 15.0
-    latency_mentors: int = 300
-    # Steady state, not start-up: right after its assignment the engine's publisher is still
-    # taking its lease and reading the notification topic back, which holds the first
-    # notifications for about a second (seen as a p99 of ~1.2 s with a 1 s wait).
-    latency_settle_s: float = 5.0
-    postgres_url: str = DEFAULT_POSTGRES
-    output: str = str(RESULTS)
-    profile: bool = False
-    quick: bool = False
-    thresholds: tuple[int, ...] = (50, 100, 200)
-    timezone: str = "Europe/Oslo"
-
 
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(
@@ -131,29 +102,6 @@ def machine_line() -> dict[str, Any]:
         "python": platform.python_version(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
-
-
-@dataclass
-class Run:
-    """Everything one benchmark run shares: broker, topics, workload, template database."""
-
-    config: Config
-    prefix: str
-    workdir: Path
-    broker: infra.Broker
-    databases: infra.Databases
-    workload: Workload
-    activity_topic: str
-    preferences_topic: str
-    events_file: Path
-    template: str | None = None
-    year: int = 0
-    serial: int = 0
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-    def next_serial(self) -> int:
-        self.serial += 1
-        return self.serial
 
 
 def log(message: str) -> None:

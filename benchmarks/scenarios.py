@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -28,10 +28,8 @@ from benchmarks.engines import (
     watch,
     window_start,
 )
+from benchmarks.run import Run
 from benchmarks.workload import Workload, make_mentors, make_workload
-
-if TYPE_CHECKING:
-    from benchmarks.cli import Run
 
 
 class BenchmarkError(Exception):

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from benchmarks.cli import DEFAULT_POSTGRES
+from benchmarks.run import DEFAULT_POSTGRES
 
 REPO = Path(__file__).resolve().parents[2]
 
