@@ -21,7 +21,9 @@ def dead_letter_headers(rejected: Rejected, not_copied: str = "") -> list[tuple[
     reason = " ".join(rejected.reason.split())[:MAX_REASON_CHARS] + not_copied
     record = rejected.record
     return [
-        ("error", reason.encode()),
+        # An exception's message may carry any text, a lone surrogate too: encoded so that
+        # it cannot fail (a failing dead letter would stop its partition).
+        ("error", reason.encode("utf-8", "backslashreplace")),
         ("source_topic", record.topic.encode()),
         ("source_partition", str(record.partition).encode()),
         ("source_offset", str(record.offset).encode()),

@@ -23,8 +23,15 @@ from consumer.domain.batch import Envelope, plan_batch
 from consumer.domain.milestones import stored_thresholds
 from consumer.ops.metrics import Metrics
 from consumer.stream import engine as engine_module
-from consumer.stream.dead_letters import send_dead_letters
-from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS, Decoded, Rejected, decode
+from consumer.stream.dead_letters import dead_letter_headers, send_dead_letters
+from consumer.stream.decode import (
+    ACTIVITY_EVENTS,
+    PREFERENCE_EVENTS,
+    Decoded,
+    Rejected,
+    decode,
+    unprocessable,
+)
 from consumer.stream.engine import Engine
 from consumer.stream.read_back import notification_id_of
 from schemas.events import ActivityLogged
@@ -275,3 +282,10 @@ def test_the_read_back_still_finds_a_notification_by_its_header_or_value() -> No
     known = uuid.uuid4()
     assert notification_id_of([("notification_id", str(known).encode())], None) == known
     assert notification_id_of([], json.dumps({"notification_id": str(known)}).encode()) == known
+
+
+def test_a_reason_with_a_lone_surrogate_still_makes_a_header() -> None:
+    raised = ValueError("bad type 'a\ud800b'")
+    rejected = unprocessable(Record(b"{}"), raised)
+    headers = dict(dead_letter_headers(rejected))
+    assert headers["error"] == b"unprocessable: ValueError: bad type 'a\\ud800b'"
