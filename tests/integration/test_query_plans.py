@@ -9,6 +9,7 @@ connections plan every run instead (``plan_cache_mode = force_custom_plan``).
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -89,3 +90,33 @@ async def test_session_settings_survive_the_pools_reset(database_url: str) -> No
     finally:
         await bounded.close()
         await unbounded.close()
+
+
+async def test_the_ledger_insert_probes_its_exceptions_by_key(database_url: str) -> None:
+    """The ledger insert looks its few exceptions up by primary key, never by a scan of the
+    whole ledger: as a join, the planner misjudged how many exceptions there are and hashed
+    the ledger once per batch, a cost that grew with the ledger."""
+    connection = await asyncpg.connect(database_url, server_settings={
+        "plan_cache_mode": "force_custom_plan"})
+    try:
+        await migrate(connection)
+        await connection.execute(
+            "INSERT INTO activity_ledger (activity_id, mentor_id, organization_id, year,"
+            " occurred_at, activity_type, counted)"
+            " SELECT gen_random_uuid(), gen_random_uuid(), $1, 2026, now(), 'session', true"
+            " FROM generate_series(1, 50000)",
+            ORG,
+        )
+        await connection.execute("VACUUM ANALYZE activity_ledger")
+        earlier = [row[0] for row in await connection.fetch(
+            "SELECT activity_id FROM activity_ledger LIMIT 30")]
+        ids = sorted([uuid.uuid4() for _ in range(3000)] + earlier, key=lambda u: u.int)
+        size = len(ids)
+        columns = (ids, [ORG] * size, [ORG] * size, [2026] * size,
+                   [datetime.now(UTC)] * size, ["session"] * size, [True] * size, [None] * size)
+        async with connection.transaction():
+            rows = await connection.fetch(f"EXPLAIN {batch_sql.INSERT_LOGS}", *columns)
+    finally:
+        await connection.close()
+    plan = "\n".join(row[0] for row in rows)
+    assert "Seq Scan on activity_ledger" not in plan, plan
