@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                             " nothing (default: record)")
     reconcile = commands.add_parser("reconcile", help="compare annual_summary with the ledger")
     reconcile.add_argument("--year", type=int,
-                           help="the year to compare (default: the current year in"
-                                " MILESTONES_TIMEZONE)")
+                           help="the year to compare (default: every open year, those after"
+                                " the closed-years watermark)")
     reconcile.add_argument("--fix", action="store_true",
                            help="repair the rows that differ (default: only report them)")
     reconcile.add_argument("--rebuild", action="store_true",

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from asyncpg.transaction import Transaction
 from pydantic import TypeAdapter
 
 from consumer.domain.batch import Envelope, Event
@@ -140,6 +142,23 @@ async def commit_at_end(broker: str, group_id: str, topics: Iterable[str]) -> No
         await consumer.commit({tp: consumer.highwater(tp) for tp in tps})
     finally:
         await consumer.stop()
+
+
+@asynccontextmanager
+async def writer_in_transaction(
+    database_url: str,
+) -> AsyncIterator[tuple[asyncpg.Connection, Transaction, asyncpg.Pool]]:
+    """Another writer's connection inside an open transaction (commit it with the returned
+    transaction), and a small pool for the code under test; both closed afterwards."""
+    writer = await asyncpg.connect(database_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        transaction = writer.transaction()
+        await transaction.start()
+        yield writer, transaction, pool
+    finally:
+        await pool.close()
+        await writer.close()
 
 
 def uuid(text: str | UUID) -> UUID:

@@ -13,7 +13,13 @@ import pytest
 from consumer.commands.common import current_year
 from consumer.commands.reconcile import reconcile_command
 from consumer.store.reconcile_sql import find_drift, fix_drift, startup_drift
-from tests.integration.operations import settings_from, summary, uuid, write_events
+from tests.integration.operations import (
+    settings_from,
+    summary,
+    uuid,
+    write_events,
+    writer_in_transaction,
+)
 from tests.support import events
 
 
@@ -65,11 +71,7 @@ async def test_fix_waits_for_a_batch_in_flight_and_keeps_its_session(
     await write_events(settings, [events.logged(mentor, occurred_at=f"{year}-01-05T10:00:00+01:00")])
     await db.execute("UPDATE annual_summary SET session_count = 9")
     drift = await find_drift(db, year, None)
-    batch = await asyncpg.connect(database_url)
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    try:
-        in_flight = batch.transaction()
-        await in_flight.start()
+    async with writer_in_transaction(database_url) as (batch, in_flight, pool):
         await batch.execute(
             "INSERT INTO activity_ledger (activity_id, mentor_id, organization_id, year,"
             " occurred_at, activity_type, counted) VALUES ($1, $2, $3, $4, now(), 'session', true)",
@@ -84,9 +86,6 @@ async def test_fix_waits_for_a_batch_in_flight_and_keeps_its_session(
         assert not fixing.done()  # waiting for the batch's row lock
         await in_flight.commit()
         await asyncio.wait_for(fixing, 10)
-    finally:
-        await pool.close()
-        await batch.close()
 
     assert await summary(db) == {(mentor, year): 2}
     assert await find_drift(db, None, None) == []

@@ -13,7 +13,15 @@ from consumer.commands import sweep as sweep_module
 from consumer.commands.common import current_year
 from consumer.commands.sweep import sweep_command
 from consumer.domain.milestones import notification_id
-from tests.integration.operations import eventually, settings_from, statuses, summary, uuid
+from consumer.store.sweep_sql import SweepRules, sweep_year
+from tests.integration.operations import (
+    eventually,
+    settings_from,
+    statuses,
+    summary,
+    uuid,
+    writer_in_transaction,
+)
 from tests.support import events
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics
@@ -163,3 +171,29 @@ async def test_two_sweeps_and_run_at_once_record_and_emit_each_milestone_once(
     assert "deadlock" not in engine.output().lower()
     with contextlib.suppress(Exception):
         await engine.stop()
+
+
+async def test_a_milestone_another_writer_records_during_the_sweep_is_kept_and_not_doubled(
+    db: asyncpg.Connection, engine_env: dict[str, str], database_url: str,
+) -> None:
+    """The sweep inserts without ON CONFLICT; a record committed by another writer between the
+    chunk's evaluation and its insert rolls the chunk back, and the chunk runs again."""
+    settings = settings_from(engine_env, thresholds="2")
+    year = current_year(settings)
+    raced, other = events.new_id(), events.new_id()
+    await put_summary(db, raced, year, 3)
+    await put_summary(db, other, year, 3)
+    async with writer_in_transaction(database_url) as (writer, racing, pool):
+        await writer.execute(
+            "INSERT INTO scenario_notifications (id, user_id, organization_id, year,"
+            " milestone_value, session_count, status) VALUES ($1, $2, $3, $4, 2, 3, 'published')",
+            notification_id(uuid(raced), year, 2), uuid(raced), ORG, year)
+        rules = SweepRules(year, (2,), settings.timezone, settings.notify_grace_days)
+        sweeping = asyncio.ensure_future(sweep_year(pool, rules, workers=1))
+        await asyncio.sleep(0.5)
+        assert not sweeping.done()  # its insert waits for the other writer's key
+        await racing.commit()
+        result = await asyncio.wait_for(sweeping, 10)
+
+    assert result.recorded == 1
+    assert await statuses(db) == {(raced, year, 2): "published", (other, year, 2): "pending"}
