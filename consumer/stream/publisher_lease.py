@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 
 LEASE_COMMAND_TIMEOUT_S = 30.0
 
+# Every statement of the publisher finds rows by key (the acknowledged ids, what the read-back
+# found) or walks the pending index in its order, whatever the table holds: those plans are
+# right at any size. Left to itself the planner hashed or bitmap-scanned the whole table per
+# round, above all right after a sweep had recorded 160,000 rows in one transaction and the
+# statistics knew none of them: 110 to 140 ms per statement instead of 30 to 75, every round.
+KEYED_PLANS = {
+    "enable_seqscan": "off",
+    "enable_bitmapscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
+
 _T = TypeVar("_T")
 
 
@@ -68,7 +80,8 @@ class PublisherLease:
             # while it still looks like the lease.
             self._connection = await on_lease(asyncpg.connect(
                 self._dsn, timeout=5, command_timeout=LEASE_COMMAND_TIMEOUT_S,
-                server_settings=SERVER_SETTINGS,  # the pool's timeouts and custom plans
+                # the pool's timeouts and custom plans, and plans by key
+                server_settings={**SERVER_SETTINGS, **KEYED_PLANS},
             ))
         if self.held:
             return True
