@@ -49,6 +49,11 @@ def classify(error: BaseException) -> StoreError | None:
             return StoreConflict(f"{state}: {error}")
         if state[:2] in _TRANSIENT_CLASSES:
             return StoreUnavailable(f"{state}: {error}")
+        if state == "42501":
+            # The engine's role lacks a privilege (a table added by a migration and not yet
+            # granted): wait for the operator's `milestones grant` like for a database away,
+            # rather than dead-letter good messages one by one.
+            return StoreUnavailable(f"{state}: {error}; run `milestones grant` as the owner")
         if state[:2] in ("22", "23"):  # data exception, integrity constraint violation
             return RefusedContent(f"{state}: {error}")
     return None

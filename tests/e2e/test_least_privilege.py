@@ -160,3 +160,27 @@ async def test_run_without_migrate_rights_and_a_pending_migration_says_to_run_mi
         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", newest["version"],
         newest["name"],
     )
+
+
+async def test_a_missing_grant_pauses_the_engine_and_loses_nothing_until_it_is_granted(
+    engine_process: EngineLauncher, kafka: KafkaHelper, topics: Topics, db: Db, roles: Roles
+) -> None:
+    owner = {"MILESTONES_DATABASE_URL": roles.owner_url, "MILESTONES_METRICS_PORT": "0"}
+    await _ok(engine_process(owner, ("migrate",)))
+    await _ok(engine_process(owner, ("grant", roles.app)))
+    owner_connection = await asyncpg.connect(roles.owner_url)
+    try:
+        await owner_connection.execute(f"REVOKE UPDATE ON annual_summary FROM {roles.app}")
+        engine = engine_process({"MILESTONES_DATABASE_URL": roles.app_url})
+        mentor = new_id()
+        await kafka.produce_json_many(topics.activity, [logged(mentor) for _ in range(5)])
+        await engine.wait_for_output("permission denied", timeout_s=30)
+        status, _ = await engine.get("/readyz")
+        assert status == 503, "paused while the privilege is missing"
+        assert await kafka.read_all(topics.dlq) == [], "no good message dead-lettered"
+        await _ok(engine_process(owner, ("grant", roles.app)))
+        counts = await eventually(db.counts, lambda c: c.get((mentor, 2026)) == 5, timeout_s=30)
+        assert counts[(mentor, 2026)] == 5
+        assert await kafka.read_all(topics.dlq) == []
+    finally:
+        await owner_connection.close()
