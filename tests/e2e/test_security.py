@@ -172,6 +172,9 @@ async def test_engine_works_over_sasl_ssl_and_verified_postgres_tls_and_never_sh
             assert await _finished(status) == 0, status.output()
             assert topics.activity in status.stdout(), status.output()
             assert "unreachable" not in status.stdout(), status.output()
+            as_json = engine_process({**env, "MILESTONES_METRICS_PORT": "0",
+                                      "MILESTONES_LOG_FORMAT": "json"}, ("status", "--json"))
+            assert await _finished(as_json) == 0, as_json.output()
             for process in engine_process.processes:
                 outputs[" ".join(process.args)] = process.output()
         finally:
