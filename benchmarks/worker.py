@@ -24,8 +24,8 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from consumer import runtime
 from consumer.ops.metrics import Metrics
-from consumer.service import batch_options
 from consumer.settings import Settings, load_settings
 from consumer.store.postgres import connect_pool
 from consumer.stream.decode import ACTIVITY_EVENTS, Decoded, decode
@@ -72,15 +72,8 @@ def _settings(spec: dict[str, Any]) -> Settings:
 
 
 def _writer(settings: Settings, pool: Any) -> BatchWriter:
-    return BatchWriter(
-        pool,
-        batch_options(settings),
-        Metrics(),
-        counted_types=settings.counted_activity_types,
-        conflict_retries=settings.transaction_retries,
-        backoff_max_s=settings.retry_backoff_max_s,
-        lanes=settings.batch_lanes,  # as the service builds it: (b) is the engine's own writer
-    )
+    # As the service builds it: (b) is the engine's own writer.
+    return runtime.batch_writer(settings, pool, Metrics(), writer_class=BatchWriter)
 
 
 async def bare_consumer(spec: dict[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,6 @@ __all__ = [
     "async_embedded_broker",
     "async_embedded_postgres",
     "async_wait_for_port",
-    "create_topics",
     "embedded_broker",
     "embedded_postgres",
     "free_port",
@@ -63,7 +62,6 @@ __all__ = [
 
 LOCALHOST = "127.0.0.1"
 POSTGRES_SYSTEM_USER = "embedded_postgres"
-_TOPIC_ALREADY_EXISTS = 36
 _LOG_TAIL_BYTES = 4000
 _BIND_GRACE_S = 0.05
 
@@ -486,56 +484,6 @@ async def _stop_in_thread(stop: Callable[[], None]) -> None:
     # Shielded: a second Ctrl-C (cancellation) must not leave a half-stopped server behind; the
     # thread finishes, and asyncio.run waits for its executor before the interpreter exits.
     await asyncio.shield(asyncio.to_thread(stop))
-
-
-# --------------------------------------------------------------------------- topics
-
-
-async def create_topics(
-    bootstrap_servers: str,
-    names: Sequence[str],
-    partitions: int | Mapping[str, int] = 1,
-    *,
-    configs: Mapping[str, Mapping[str, str]] | None = None,
-    timeout_s: float = 30.0,
-    client_options: Mapping[str, Any] | None = None,
-) -> None:
-    """Create ``names`` (replication factor 1); a topic that already exists is left as it is.
-
-    ``partitions`` is one count for all or a count per name (missing names get 1); ``configs``
-    maps a name to its topic configuration; ``client_options`` are more keyword arguments of
-    the admin client (the security settings). Raises ``RuntimeError`` naming the topic and the
-    broker's error code for any other refusal.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    if not names:
-        return
-    new_topics = []
-    for name in names:
-        count = partitions if isinstance(partitions, int) else partitions.get(name, 1)
-        topic_configs = dict((configs or {}).get(name, {}))
-        new_topics.append(NewTopic(name, count, 1, topic_configs=topic_configs))
-    admin = AIOKafkaAdminClient(
-        **{"bootstrap_servers": bootstrap_servers, **(client_options or {})},
-        request_timeout_ms=int(timeout_s * 1000),
-    )
-    await admin.start()
-    try:
-        try:
-            response = await admin.create_topics(new_topics, timeout_ms=int(timeout_s * 1000))
-        except TopicAlreadyExistsError:
-            return
-        failures = [
-            f"{error[0]}: error {error[1]}" + (f" ({error[2]})" if len(error) > 2 else "")
-            for error in response.topic_errors
-            if error[1] not in (0, _TOPIC_ALREADY_EXISTS)
-        ]
-        if failures:
-            raise RuntimeError("could not create topics: " + "; ".join(failures))
-    finally:
-        await admin.close()
 
 
 # --------------------------------------------------------------------------- postgres

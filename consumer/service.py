@@ -8,77 +8,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
-import signal
 import threading
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from aiokafka.errors import KafkaError
 
 from consumer.domain.calendar import session_year
 from consumer.faults import FaultInjector
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import Metrics
 from consumer.ops.probes import BrokerContact, PendingGauge
-from consumer.retry import Backoff
+from consumer.runtime import (
+    ShutdownClock,
+    batch_writer,
+    engine_for,
+    install_stop_signals,
+    open_pool,
+    publisher_running,
+    started_consumer,
+    started_producer,
+    tune_garbage_collector,
+)
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.catalog import estimated_rows
-from consumer.store.errors import DatabaseRefused, StoreUnavailable
 from consumer.store.migrate import ensure_schema
-from consumer.store.postgres import BatchOptions, connect_pool
 from consumer.store.reconcile_sql import startup_drift
-from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
+from consumer.store.status_sql import PING
 from consumer.stream.engine import Engine
-from consumer.stream.kafka import make_consumer, make_producer, started, verify_kafka_access
-from consumer.stream.outbox import Publisher
 from consumer.stream.teardown import within
 from consumer.stream.thresholds_topic import restore_thresholds
 from consumer.stream.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
-BROKER_START_TIMEOUT_S = 15.0
-
-
 # Of MILESTONES_SHUTDOWN_TIMEOUT_S, the share the batch in hand may use; the rest is for
 # leaving the group and closing clients, so that the whole shutdown fits in the timeout.
 BATCH_SHARE_OF_SHUTDOWN = 0.7
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-
-class ShutdownClock:
-    """Counts down ``MILESTONES_SHUTDOWN_TIMEOUT_S`` from the moment ``stop`` is set.
-
-    Every step of the teardown waits at most :meth:`left` (and its own cap), so the sum of the
-    steps cannot exceed the timeout however the broker or the database behaves.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._stopped_at: float | None = None
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        await stop.wait()
-        self._stopped_at = time.monotonic()
-
-    def left(self, cap_s: float | None = None) -> float:
-        if self._stopped_at is None:
-            left = self.timeout_s
-        else:
-            left = max(0.0, self._stopped_at + self.timeout_s - time.monotonic())
-        return left if cap_s is None else min(left, cap_s)
 
 
 def arm_exit_watchdog(timeout_s: float) -> None:
@@ -101,52 +69,6 @@ def arm_exit_watchdog(timeout_s: float) -> None:
     timer.start()
 
 
-async def open_pool(
-    settings: Settings, *, max_size: int = 4, statement_timeouts: bool = True
-) -> asyncpg.Pool:
-    """The pool, or a :class:`SettingsError` naming the variable after the start timeout."""
-    try:
-        return await connect_pool(
-            settings.require_database(),
-            timeout_s=settings.database_connect_timeout_s,
-            # One connection per write lane, plus the probe's and a spare.
-            max_size=max(max_size, settings.batch_lanes + 2),
-            statement_timeouts=statement_timeouts,
-        )
-    except DatabaseRefused as error:
-        raise SettingsError(f"{ENV_PREFIX}DATABASE_URL: {error}") from None
-    except StoreUnavailable as error:
-        raise SettingsError(
-            f"{ENV_PREFIX}DATABASE_URL: database unreachable after "
-            f"{settings.database_connect_timeout_s:g} s ({error})"
-        ) from None
-
-
-async def start_client(client: Any, settings: Settings) -> None:
-    """Start an aiokafka client, retrying while the broker is still coming up; refused
-    credentials or an untrusted certificate stop at once (:class:`KafkaAccessRefused`)."""
-    backoff = Backoff(0.5, 0.5, jitter=False, give_up_after_s=BROKER_START_TIMEOUT_S)
-    while True:
-        try:
-            await started(client, settings)
-            return
-        except KafkaError as error:
-            if not await backoff.wait():
-                raise SettingsError(
-                    f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
-                    f"{BROKER_START_TIMEOUT_S:g} s ({type(error).__name__})"
-                ) from None
-
-
-def batch_options(settings: Settings, *, suppress_before_ms: int | None = None) -> BatchOptions:
-    return BatchOptions(
-        tz=settings.tz,
-        default_thresholds=settings.thresholds,
-        grace_days=settings.notify_grace_days,
-        suppress_before_ms=suppress_before_ms,
-    )
-
-
 class DatabaseProbe:
     """Pings the database every ``interval_s`` so /readyz knows even when no batch runs."""
 
@@ -159,36 +81,12 @@ class DatabaseProbe:
         while not stop.is_set():
             try:
                 async with self._pool.acquire(timeout=2) as connection:
-                    await connection.fetchval("SELECT 1", timeout=2)
+                    await connection.fetchval(PING, timeout=2)
                 self.reachable = True
             except Exception:  # any failure means "not reachable now"
                 self.reachable = False
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval_s)
-
-
-@asynccontextmanager
-async def publisher_running(
-    settings: Settings,
-    metrics: Metrics,
-    faults: FaultInjector,
-    stop: asyncio.Event,
-    clock: ShutdownClock | None = None,
-) -> AsyncIterator[Publisher]:
-    """A publisher task for the duration of the block, closed after it within the clock."""
-    clock = clock or ShutdownClock(settings.shutdown_timeout_s)
-    await verify_kafka_access(settings)  # refused credentials: the command stops, exit 2
-    publisher = Publisher(settings, settings.require_database(), metrics, faults)
-    own_stop = asyncio.Event()
-    task = asyncio.ensure_future(publisher.run(own_stop))
-    try:
-        yield publisher
-    finally:
-        own_stop.set()
-        publisher.wake()
-        # A send in flight may finish and be marked; one cut short is read back next time.
-        await within(task, clock.left(cap_s=5.0), "the publisher's last round")
-        await within(publisher.close(), clock.left(cap_s=5.0), "closing the publisher")
 
 
 async def run_service(
@@ -256,11 +154,9 @@ async def _run_with_health(
         # In the background and bounded in time: without an index on (mentor, year) the
         # recount is a scan of the ledger, and consuming should not wait for a log line.
         drift_check = asyncio.ensure_future(report_summary_drift(pool, settings))
-        dlq_producer = make_producer(settings)
-        await start_client(dlq_producer, settings)
+        dlq_producer = await started_producer(settings)
         try:
-            consumer = make_consumer(settings, group_id=settings.group_id)
-            await start_client(consumer, settings)
+            consumer = await started_consumer(settings, group_id=settings.group_id)
             tune_garbage_collector(settings.batch_max_records)
             try:
                 await _serve(
@@ -304,32 +200,14 @@ async def _serve(
             if engine is not None:
                 await engine.idle_poll(seconds)
 
-        writer = BatchWriter(
-            pool,
-            batch_options(settings),
-            metrics,
-            counted_types=settings.counted_activity_types,
-            conflict_retries=settings.transaction_retries,
-            backoff_max_s=settings.retry_backoff_max_s,
-            wait=wait,
-            on_unavailable=on_unavailable,
-            lanes=settings.batch_lanes,
+        writer = batch_writer(
+            settings, pool, metrics, wait=wait, on_unavailable=on_unavailable,
+            writer_class=BatchWriter,
         )
-        engine = Engine(
-            consumer,
-            dlq_producer,
-            writer,
-            metrics,
-            faults,
-            accepts={
-                settings.activity_topic: ACTIVITY_EVENTS,
-                settings.preferences_topic: PREFERENCE_EVENTS,
-            },
-            dlq_topic=settings.dlq_topic,
-            poll_timeout_ms=settings.poll_timeout_ms,
-            max_records=settings.batch_max_records,
-            revoke_deadline_s=min(settings.shutdown_timeout_s, settings.kafka_session_timeout_ms / 2000),
+        engine = engine_for(
+            settings, consumer, dlq_producer, writer, metrics, faults,
             after_commit=lambda pending: publisher.wake() if pending else None,
+            engine_class=Engine,
         )
         consumer.subscribe(list(settings.input_topics), listener=engine.listener)
         current = engine
@@ -353,29 +231,6 @@ async def _serve(
             health.ready = lambda: False  # stopping: no longer a member to route traffic to
             for task in probe_tasks:
                 task.cancel()
-
-
-# Tracked (container) objects a batch keeps alive per record: the validated model, its dict
-# and field set, four UUIDs, the Kafka record, envelope and rows; counted with gc.get_count().
-_OBJECTS_PER_RECORD = 20
-
-
-def tune_garbage_collector(batch_max_records: int) -> None:
-    """Freeze what start-up allocated, and keep the young generation larger than what the
-    batches in flight hold alive.
-
-    The engine's per-event objects are acyclic and freed by reference counting, so the cyclic
-    collector only costs time. A young collection walks every live object allocated since the
-    last one: with a threshold below what two batches in flight (the one being written and the
-    prefetched one) hold, every batch paid a collection of about 16 ms that walked the whole
-    batch and found nothing. Measured on 300,000 events (py-spy, then ``gc.callbacks``):
-    58 young collections took 0.93 s of an 8 s run; with the threshold above the in-flight
-    objects, none ran, and end to end went from 37k to 42-44k events/s (alternating rounds).
-    Cyclic garbage, rare here, is still collected every ``threshold`` net allocations.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(max(50_000, 2 * _OBJECTS_PER_RECORD * batch_max_records), 20, 100)
 
 
 # The start-up drift check may spend this long scanning the ledger (see startup_drift).

@@ -72,8 +72,9 @@ def _say(text: str) -> None:
 async def demo_command(
     settings: Settings, *, seconds: float | None, step_seconds: float | None = None
 ) -> int:
-    from consumer.embedded import async_embedded_broker, async_embedded_postgres, create_topics
-    from consumer.service import install_stop_signals
+    from consumer.embedded import async_embedded_broker, async_embedded_postgres
+    from consumer.runtime import install_stop_signals
+    from consumer.stream.admin import create_topics
     from consumer.stream.thresholds_topic import ensure_topic as ensure_thresholds_topic
 
     require_embedded_extra(settings)
@@ -136,7 +137,8 @@ async def _run(
     settings: Settings, story: Story, state: DemoState, stop: asyncio.Event,
     seconds: float | None, step_seconds: float,
 ) -> int:
-    from consumer.service import open_pool, run_service
+    from consumer.runtime import open_pool
+    from consumer.service import run_service
 
     metrics = Metrics()
     engine = asyncio.ensure_future(

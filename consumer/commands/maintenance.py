@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from consumer.commands.common import command_pool, current_year, table
+from consumer.commands.common import current_year, table
 from consumer.ops.progress import Progress
+from consumer.runtime import command_pool, open_pool
 from consumer.settings import Settings, SettingsError
 from consumer.store.catalog import estimated_rows
 from consumer.store.migrate import migrate
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 
 async def migrate_command(settings: Settings) -> int:
-    from consumer.service import open_pool
-
     pool = await open_pool(settings, max_size=1, statement_timeouts=False)
     try:
         async with pool.acquire() as connection:
@@ -39,9 +38,8 @@ async def grant_command(settings: Settings, *, role: str, dry_run: bool) -> int:
     :mod:`consumer.store.grants` for ``role``."""
     import asyncpg
 
-    from consumer.service import open_pool
     from consumer.store.errors import MigrationRequired
-    from consumer.store.grants import grant_statements
+    from consumer.store.grants import apply_grants, current_schema, grant_statements, role_exists
     from consumer.store.migrate import pending_migrations
 
     pool = await open_pool(settings, max_size=1, statement_timeouts=False)
@@ -50,16 +48,13 @@ async def grant_command(settings: Settings, *, role: str, dry_run: bool) -> int:
             if await pending_migrations(connection):
                 raise MigrationRequired("schema migrations are pending: run `milestones migrate`"
                                         " first, then grant")
-            if not await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+            if not await role_exists(connection, role):
                 raise SettingsError(f"role {role!r} does not exist: create it first"
                                     f" (CREATE ROLE ... LOGIN PASSWORD '...')")
-            schema = await connection.fetchval("SELECT current_schema()")
-            statements = grant_statements(role, schema=schema)
+            statements = grant_statements(role, schema=await current_schema(connection))
             if not dry_run:
                 try:
-                    async with connection.transaction():
-                        for statement in statements:
-                            await connection.execute(statement)
+                    await apply_grants(connection, statements)
                 except asyncpg.InsufficientPrivilegeError as error:
                     raise SettingsError(
                         f"MILESTONES_DATABASE_URL: this role may not grant on the engine's tables"

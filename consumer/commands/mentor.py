@@ -12,9 +12,10 @@ import sys
 from typing import Any
 from uuid import UUID
 
-from consumer.commands.common import command_pool, current_year, parse_uuid
+from consumer.commands.common import current_year, parse_uuid
 from consumer.domain.calendar import is_late, notify_deadline
 from consumer.domain.support import SUPPRESSED_REASON_TEXT, Recorded, explain, when
+from consumer.runtime import command_pool
 from consumer.settings import Settings
 from consumer.store.mentor_sql import MentorFacts, mentor_facts
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import time
 
-from consumer.commands.common import command_pool, table
+from consumer.commands.common import table
 from consumer.ops.progress import Progress
+from consumer.runtime import command_pool
 from consumer.settings import Settings
 from consumer.store.catalog import estimated_rows
 from consumer.store.reconcile_sql import (

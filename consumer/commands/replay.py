@@ -50,24 +50,27 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumer.commands.common import command_pool, wait_until_sent
 from consumer.domain.batch import Envelope, Event
 from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.ops.progress import Progress
-from consumer.service import (
+from consumer.runtime import (
     batch_options,
+    batch_writer,
+    command_pool,
+    engine_for,
     install_stop_signals,
     publisher_running,
-    start_client,
+    started_consumer,
     tune_garbage_collector,
+    wait_until_sent,
 )
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.errors import classify
 from consumer.store.replay_positions import read_positions, save_positions
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Batch, Engine
-from consumer.stream.kafka import high_watermarks, make_consumer
+from consumer.stream.kafka import high_watermarks
 from consumer.stream.outbox import Publisher
 from consumer.stream.thresholds_topic import restore_thresholds
 from consumer.stream.writer import BatchWriter, WriteOutcome
@@ -130,8 +133,7 @@ class Survey:
 async def survey_inputs(settings: Settings, group_id: str, start: StartingPoint) -> Survey:
     """Step 1: beginnings, ends, the group's offsets and this replay's starts, without joining
     the group (the partitions are assigned by hand)."""
-    consumer = make_consumer(settings, group_id=group_id)
-    await start_client(consumer, settings)
+    consumer = await started_consumer(settings, group_id=group_id)
     try:
         await consumer.topics()
         tps = [
@@ -400,21 +402,10 @@ class _Reading:
             if pending:
                 self.publisher.wake()
 
-        engine = _ReplayEngine(
-            self.consumer,
-            self.dead_letters,
-            self.writer,
-            self.metrics,
-            FaultInjector(None),
-            accepts={topic: kinds},
-            dlq_topic=settings.dlq_topic,
-            poll_timeout_ms=settings.poll_timeout_ms,
-            max_records=settings.batch_max_records,
-            revoke_deadline_s=min(settings.shutdown_timeout_s,
-                                  settings.kafka_session_timeout_ms / 2000),
-            after_commit=after_commit,
-            ends=self.survey.ends,
-            positions=self.positions,
+        engine = engine_for(
+            settings, self.consumer, self.dead_letters, self.writer, self.metrics,
+            FaultInjector(None), after_commit=after_commit, accepts={topic: kinds},
+            engine_class=_ReplayEngine, ends=self.survey.ends, positions=self.positions,
         )
         # A new subscription has no assignment until the rebalance gives it one, so the engine
         # cannot take the previous topic's partitions for "caught up".
@@ -464,8 +455,7 @@ async def replay_command(
         # 4. reading, up to the survey's ends
         log.info("replay: %s event(s) to read, up to where each input partition ended at start",
                  f"{survey.to_read():,}")
-        consumer = make_consumer(settings, group_id=group)
-        await start_client(consumer, settings)
+        consumer = await started_consumer(settings, group_id=group)
         tune_garbage_collector(settings.batch_max_records)
         dead_letters = _SkipDeadLetters()
         options = batch_options(settings, suppress_before_ms=started_ms if no_notify else None)
@@ -473,14 +463,8 @@ async def replay_command(
         caught_up = True
         try:
             async with publisher_running(settings, metrics, FaultInjector(None), stop) as publisher:
-                writer = _RecordingWriter(
-                    pool,
-                    options,
-                    metrics,
-                    counted_types=settings.counted_activity_types,
-                    conflict_retries=settings.transaction_retries,
-                    backoff_max_s=settings.retry_backoff_max_s,
-                    lanes=settings.batch_lanes,
+                writer = batch_writer(
+                    settings, pool, metrics, options=options, writer_class=_RecordingWriter
                 )
                 with Progress("replay", survey.to_read(), unit="events") as progress:
                     # One member for both topics: re-subscribing is a quick rebalance of the

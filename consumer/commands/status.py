@@ -27,7 +27,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
-from consumer.commands.common import command_pool, current_year, table
+from consumer.commands.common import current_year, table
+from consumer.runtime import command_pool
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store import status_sql
 from consumer.store.migrate import pending_migrations

@@ -18,8 +18,9 @@ import logging
 import time
 from uuid import UUID
 
-from consumer.commands.common import command_pool, current_year, publish_and_wait, table
+from consumer.commands.common import current_year, table
 from consumer.ops.progress import Progress
+from consumer.runtime import command_pool, publish_and_wait
 from consumer.settings import Settings, SettingsError
 from consumer.store.sweep_sql import SweepResult, SweepRules, count_mentor_years, sweep_year
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from consumer.commands.common import command_pool, parse_uuid, table
+from consumer.commands.common import parse_uuid, table
 from consumer.domain.thresholds import ThresholdsChange, describe, parse_thresholds
+from consumer.runtime import command_pool
 from consumer.settings import Settings, SettingsError
 from consumer.store import thresholds_sql
 from consumer.stream.thresholds_topic import publish_change

@@ -15,16 +15,10 @@ from typing import Any
 import asyncpg
 
 from consumer.ops.metrics import Metrics
+from consumer.store.status_sql import PENDING_GAUGE
 
 log = logging.getLogger(__name__)
 
-# Index-only on the partial index scenario_notifications_pending: cheap at any table size.
-PENDING_SQL = """
-SELECT count(*)::bigint AS pending,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_s
-FROM scenario_notifications
-WHERE status = 'pending'
-"""
 
 
 class BrokerContact:
@@ -109,7 +103,7 @@ class PendingGauge:
     async def check(self) -> None:
         try:
             async with self._pool.acquire(timeout=2) as connection:
-                row = await connection.fetchrow(PENDING_SQL, timeout=5)
+                row = await connection.fetchrow(PENDING_GAUGE, timeout=5)
         except Exception as error:  # the database probe and the batches report outages
             log.debug("pending-notification gauge not updated: %s", error)
             return

@@ -10,6 +10,8 @@ a role, so a statement that needs more fails there first.
 
 from __future__ import annotations
 
+import asyncpg
+
 # run, replay, sweep, status, reconcile (--fix too), mentor, thresholds, dead-letters.
 # ``prune`` replaces a trigger on activity_ledger, which only the owner may: it runs as the owner.
 RUNTIME_PRIVILEGES: dict[str, tuple[str, ...]] = {
@@ -52,3 +54,18 @@ def grant_statements(role: str, *, schema: str = "public") -> list[str]:
             f"GRANT {', '.join(granted)} ON {where}.{quote_identifier(table)} TO {who}"
         )
     return statements
+
+
+async def role_exists(connection: asyncpg.Connection, role: str) -> bool:
+    return bool(await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role))
+
+
+async def current_schema(connection: asyncpg.Connection) -> str:
+    return str(await connection.fetchval("SELECT current_schema()"))
+
+
+async def apply_grants(connection: asyncpg.Connection, statements: list[str]) -> None:
+    """Every statement of :func:`grant_statements` in one transaction: all or none."""
+    async with connection.transaction():
+        for statement in statements:
+            await connection.execute(statement)

@@ -3,6 +3,11 @@ connection: each is set-based, over arrays, one round trip."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from uuid import UUID
+
+import asyncpg
+
 PUBLISHER_LOCK_KEY = 0x6D696C6570756221  # "milepub!"
 
 TRY_LEASE = "SELECT pg_try_advisory_lock($1)"
@@ -116,3 +121,13 @@ SELECT $1, * FROM unnest($2::int[], $3::bigint[])
 ON CONFLICT (topic, partition) DO UPDATE
 SET next_offset = greatest(p.next_offset, excluded.next_offset)
 """
+
+
+_STILL_PENDING = """
+SELECT count(*)::int FROM scenario_notifications WHERE id = ANY($1::uuid[]) AND status = 'pending'
+"""
+
+
+async def still_pending(pool: asyncpg.Pool, ids: Sequence[UUID]) -> int:
+    """How many of ``ids`` are still waiting to be sent."""
+    return int(await pool.fetchval(_STILL_PENDING, list(ids)))

@@ -1,4 +1,5 @@
-"""What ``milestones status`` reads: one round trip for the counts, one for the outbox."""
+"""What ``milestones status`` and the service's probes read: one round trip for the counts,
+one for the outbox; the pending gauge and the reachability ping of ``/readyz``."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ WHERE status = 'pending'
 ORDER BY created_at, id
 LIMIT $1
 """
+
+
+# The pending-notifications gauge: index-only on the partial index
+# scenario_notifications_pending, cheap at any table size.
+PENDING_GAUGE = """
+SELECT count(*)::bigint AS pending,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_s
+FROM scenario_notifications
+WHERE status = 'pending'
+"""
+
+# Is the database there (the service's probe for /readyz)?
+PING = "SELECT 1"

@@ -27,6 +27,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from consumer.retry import Backoff
 from consumer.settings import ENV_PREFIX, Settings, SettingsError, kafka_ssl_context
 from consumer.stream.teardown import within
 
@@ -217,6 +218,27 @@ async def started(client: _Client, settings: Settings) -> _Client:
         await within(client.stop(), 5.0, "stopping a client that did not start")
         raise
     return client
+
+
+# How long a command or the service waits at start for a broker that is still coming up.
+BROKER_START_TIMEOUT_S = 15.0
+
+
+async def start_client(client: Any, settings: Settings) -> None:
+    """Start an aiokafka client, retrying while the broker is still coming up; refused
+    credentials or an untrusted certificate stop at once (:class:`KafkaAccessRefused`), a
+    broker still away after :data:`BROKER_START_TIMEOUT_S` is a :class:`SettingsError`."""
+    backoff = Backoff(0.5, 0.5, jitter=False, give_up_after_s=BROKER_START_TIMEOUT_S)
+    while True:
+        try:
+            await started(client, settings)
+            return
+        except KafkaError as error:
+            if not await backoff.wait():
+                raise SettingsError(
+                    f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
+                    f"{BROKER_START_TIMEOUT_S:g} s ({type(error).__name__})"
+                ) from None
 
 
 def _disable_internal_retries(producer: Any) -> None:

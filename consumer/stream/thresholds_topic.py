@@ -19,8 +19,9 @@ from consumer.domain.thresholds import ThresholdsChange, latest_changes, validat
 from consumer.ops.logs import fields
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store import thresholds_sql
+from consumer.stream.admin import create_topics
 from consumer.stream.decode import MAX_YEAR, MIN_YEAR
-from consumer.stream.kafka import make_producer
+from consumer.stream.kafka import kafka_client_options, make_producer, start_client
 from consumer.stream.teardown import within
 from consumer.stream.topic_reader import TopicMissing, topic_records
 from schemas.events import ThresholdsChanged
@@ -39,9 +40,6 @@ async def ensure_topic(settings: Settings, *, timeout_s: float = 10.0) -> None:
     A broker that refuses (no permission) is only logged: the send that follows says whether
     the topic is usable.
     """
-    from consumer.embedded import create_topics
-    from consumer.stream.kafka import kafka_client_options
-
     try:
         await create_topics(
             settings.require_kafka(), [settings.thresholds_topic],
@@ -65,8 +63,6 @@ def message_for(change: ThresholdsChange) -> ThresholdsChanged:
 
 async def publish_change(settings: Settings, change: ThresholdsChange) -> tuple[int, int]:
     """Send one change and wait for the acknowledgement; return its partition and offset."""
-    from consumer.service import start_client
-
     producer = make_producer(settings)
     await start_client(producer, settings)  # a broker away: SettingsError, before anything else
     try:

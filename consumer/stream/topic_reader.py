@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from consumer.settings import Settings
-from consumer.stream.kafka import make_consumer, verify_kafka_access
+from consumer.stream.kafka import make_consumer, start_client, verify_kafka_access
 from consumer.stream.teardown import within
 
 
@@ -41,8 +41,6 @@ async def topic_records(
     start-up retries, then :class:`SettingsError`; with a number, one attempt bounded by it,
     then the client's ``KafkaError`` or ``TimeoutError`` (``status`` reports it, not exits 2).
     """
-    from consumer.service import start_client  # the service imports this module's users
-
     consumer = make_consumer(settings, group_id=None)
     if start_timeout_s is None:
         await start_client(consumer, settings)  # a broker away: SettingsError naming the variable

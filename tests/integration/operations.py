@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 
 from consumer.domain.batch import Envelope, Event
 from consumer.ops.metrics import Metrics
-from consumer.service import batch_options
+from consumer.runtime import batch_options
 from consumer.settings import Settings
 from consumer.store.migrate import migrate
 from consumer.stream.writer import BatchWriter

@@ -18,9 +18,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from consumer.embedded import (
     async_embedded_broker,
     async_embedded_postgres,
-    create_topics,
     embedded_broker,
 )
+from consumer.stream.admin import create_topics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from consumer.commands.maintenance import prune_command
 from consumer.commands.replay import replay_command
 from consumer.domain.batch import Envelope
 from consumer.ops.metrics import Metrics
-from consumer.service import batch_options
+from consumer.runtime import batch_options
 from consumer.settings import SettingsError
 from consumer.stream.writer import BatchWriter
 from tests.integration.operations import (

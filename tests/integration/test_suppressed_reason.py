@@ -6,10 +6,10 @@ import time
 
 import asyncpg
 
-from consumer.commands.common import current_year, publish_and_wait
+from consumer.commands.common import current_year
 from consumer.commands.sweep import sweep_command
 from consumer.domain.milestones import SUPPRESSED_REASONS, notification_id
-from consumer.service import open_pool
+from consumer.runtime import open_pool, publish_and_wait
 from tests.integration.operations import settings_from, uuid, write_events
 from tests.integration.test_sweep import put_summary
 from tests.support import events

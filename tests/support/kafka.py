@@ -19,7 +19,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.embedded import create_topics
+from consumer.stream.admin import create_topics
 from consumer.stream.kafka import partition_for_key
 
 Headers = Mapping[str, bytes | str] | Sequence[tuple[str, bytes | str]]

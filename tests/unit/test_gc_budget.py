@@ -18,7 +18,7 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from consumer.domain.batch import plan_batch, tally
-from consumer.service import _OBJECTS_PER_RECORD, tune_garbage_collector
+from consumer.runtime import _OBJECTS_PER_RECORD, tune_garbage_collector
 from consumer.stream.decode import ACTIVITY_EVENTS, Decoded, decode
 
 RECORDS = 5_000
