@@ -123,12 +123,13 @@ async def demo_command(
                           echo=None if live else _say)
         with _live_view(state) if live else contextlib.nullcontext():
             code = await _run(settings, story, state, stop, seconds, step_seconds)
-        if live:  # the last frame stays on screen; the verdict goes to the scrollback as text
-            for line in [*summary_lines(state), *check_lines(state.checks)]:
-                _say(line)
-        else:
-            for line in summary_lines(state):
-                _say(line)
+        # On a terminal the last frame stays on screen and the verdict goes to the scrollback.
+        verdict = check_lines(state.checks) if live and state.story_done else []
+        if not state.story_done:
+            verdict = [f"stopped at step {state.step + 1} of {len(story.steps)}, before the"
+                       " story's end: no verdict"]
+        for line in [*summary_lines(state), *verdict]:
+            _say(line)
         _say("\nstopping; everything the demo started is being removed")
     return code
 
@@ -144,28 +145,36 @@ async def _run(
     engine = asyncio.ensure_future(
         run_service(settings, stop, install_signals=False, metrics=metrics)
     )
-    pool = await open_pool(settings, max_size=1)
-    helpers = [
-        asyncio.ensure_future(_watch_topics(settings, story, state)),
-        asyncio.ensure_future(_poll(pool, metrics, story, state)),
-        asyncio.ensure_future(_tell_story(settings, story, state, stop, step_seconds)),
-        asyncio.ensure_future(_deadline(stop, seconds)),
-    ]
+    helpers: list[asyncio.Future[None]] = []
+    pool: Any = None
     stop_waiter = asyncio.ensure_future(stop.wait())
     try:
+        pool = await open_pool(settings, max_size=1)
+        helpers += [
+            asyncio.ensure_future(_watch_topics(settings, story, state)),
+            asyncio.ensure_future(_poll(pool, metrics, story, state)),
+            asyncio.ensure_future(_tell_story(settings, story, state, stop, step_seconds)),
+            asyncio.ensure_future(_deadline(stop, seconds)),
+        ]
         await asyncio.wait({engine, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.set()
         stop_waiter.cancel()
-        code = await engine if not engine.cancelled() else 1
-        await asyncio.sleep(POLL_INTERVAL_S)  # the last notifications and numbers
-        for task in helpers:
-            task.cancel()
-        for task in helpers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await pool.close()
-    return code
+        try:
+            if not (engine.done() and not engine.cancelled() and engine.exception()):
+                await asyncio.wait({engine})  # its shutdown, bounded by its own timeout
+                await asyncio.sleep(POLL_INTERVAL_S)  # the last notifications and numbers
+        finally:
+            # Before the broker and Postgres stop, and before a failed start is reported: a
+            # helper left running would log the broker's disappearance under the one line.
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if pool is not None:
+                await pool.close()
+    return await engine if not engine.cancelled() else 1
 
 
 @contextlib.contextmanager
@@ -227,9 +236,11 @@ async def _tell_story(
 
     topics = {"activity": settings.activity_topic, "preferences": settings.preferences_topic}
     producer = AIOKafkaProducer(acks="all", **kafka_client_options(settings))
-    await producer.start()
-    try:
+    try:  # stopped even when cancelled while starting
+        await producer.start()
         for index, step in enumerate(story.steps):
+            if stop.is_set():
+                return
             state.begin_step(index)
             chunks = max(1, len(step.messages) // TRAFFIC_CHUNK)
             for number, message in enumerate(step.messages, start=1):
@@ -245,7 +256,9 @@ async def _tell_story(
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
         checks = check_outcome(story.predicted, observed(state))
-        if all(check.ok for check in checks) or time.monotonic() > deadline or stop.is_set():
+        if stop.is_set():  # stopped before the end: no verdict on a story half told
+            return
+        if all(check.ok for check in checks) or time.monotonic() > deadline:
             break
         await asyncio.sleep(POLL_INTERVAL_S)
     state.finish(checks)
@@ -328,8 +341,8 @@ async def _watch_topics(settings: Settings, story: Story, state: DemoState) -> N
         settings.notification_topic, settings.dlq_topic, auto_offset_reset="earliest",
         group_id=None, enable_auto_commit=False, **kafka_client_options(settings),
     )
-    await consumer.start()
     try:
+        await consumer.start()
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for partition, records in batch.items():
