@@ -94,8 +94,9 @@ class BatchWriter:
         if self._lanes <= 1:
             await self._write(list(envelopes), outcome)
             return outcome
-        preferences = [e for e in envelopes if isinstance(e.event, PreferencesChanged)]
-        activities = [e for e in envelopes if not isinstance(e.event, PreferencesChanged)]
+        # type(), not isinstance: a pydantic model's isinstance goes through ABCMeta
+        preferences = [e for e in envelopes if type(e.event) is PreferencesChanged]
+        activities = [e for e in envelopes if type(e.event) is not PreferencesChanged]
         await self._write(preferences, outcome)
         lanes = split_lanes(activities, self._lanes)
         if len(lanes) == 1:
