@@ -28,7 +28,7 @@ from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.errors import DatabaseRefused, StoreUnavailable
 from consumer.store.migrate import ensure_schema
 from consumer.store.outbox_sql import still_pending
-from consumer.store.postgres import BatchOptions, connect_pool
+from consumer.store.postgres import BatchOptions, PostgresBatchStore, connect_pool
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
 from consumer.stream.engine import Engine
 from consumer.stream.kafka import make_consumer, make_producer, start_client, verify_kafka_access
@@ -151,7 +151,7 @@ def batch_writer(
     """The batch writer (``writer_class``: replay counts what it wrote) with the settings'
     retries, back-off cap and lanes."""
     return writer_class(
-        pool,
+        PostgresBatchStore(pool),
         options or batch_options(settings),
         metrics,
         counted_types=settings.counted_activity_types,

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -21,6 +18,8 @@ from consumer.domain.milestones import MilestoneRecord, decide, stored_threshold
 from consumer.retry import Backoff
 from consumer.store import batch_sql
 from consumer.store.errors import DatabaseRefused, StoreError, StoreUnavailable, classify
+from consumer.store.port import EVENT_OUTCOMES, BatchOptions, BatchResult
+from consumer.store.retention import read_closed_through_year
 
 log = logging.getLogger(__name__)
 
@@ -88,43 +87,6 @@ def _refusal(error: BaseException) -> str | None:
     if isinstance(error, asyncpg.InvalidCatalogNameError) or state.startswith("28"):
         return str(error)  # a database that does not exist; a role or password refused
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class BatchOptions:
-    tz: ZoneInfo
-    default_thresholds: tuple[int, ...]
-    grace_days: int
-    suppress_before_ms: int | None = None  # replay --no-notify
-
-
-# What became of each accepted input message. activity.logged: counted, not_counted (a type
-# not counted, or its delete came first), duplicate (an earlier log of its id with the same
-# fields, in the batch or on the ledger), conflict (other fields), closed_year.
-# activity.deleted: removed (took a counted session out), nothing_removed (the session was not
-# counted, or not seen yet: remembered), duplicate (a repeat of an earlier delete).
-# preferences.changed: preference (whether or not a later change already stored wins over
-# it). Each message gets the outcome it would get alone, whatever the batching (a property
-# test holds the batch path to a one-at-a-time oracle). Rejected messages are counted as dead
-# letters instead.
-EVENT_OUTCOMES = (
-    "counted", "not_counted", "duplicate", "conflict", "closed_year", "removed",
-    "nothing_removed", "preference",
-)
-
-
-@dataclass(slots=True)
-class BatchResult:
-    new_sessions: int = 0
-    removed_sessions: int = 0
-    conflicts: int = 0
-    records: list[MilestoneRecord] = field(default_factory=list)
-    pending: int = 0
-    # every accepted message of the batch by outcome (milestones_events_total), one of
-    # EVENT_OUTCOMES each
-    outcomes: Counter[str] = field(default_factory=Counter)
-    # organizations whose milestone_thresholds row could not be used: their milestones wait
-    invalid_thresholds: set[UUID] = field(default_factory=set)
 
 
 _LOG_COLUMNS = attrgetter(
@@ -316,4 +278,22 @@ async def _thresholds_of_other_organizations(
     return {row["organization_id"]: row["thresholds"] for row in rows}
 
 
-__all__ = ["BatchOptions", "BatchResult", "StoreError", "apply_batch", "connect_pool"]
+class PostgresBatchStore:
+    """The store port over a pool: each batch on a connection of its own, so the writer's
+    concurrent lanes run in concurrent transactions."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def apply(self, plan: BatchPlan, options: BatchOptions) -> BatchResult:
+        async with self.pool.acquire(timeout=10) as connection:
+            return await apply_batch(connection, plan, options)
+
+    async def closed_through_year(self) -> int | None:
+        return await read_closed_through_year(self.pool)
+
+
+__all__ = [
+    "EVENT_OUTCOMES", "BatchOptions", "BatchResult", "PostgresBatchStore", "StoreError",
+    "apply_batch", "connect_pool",
+]

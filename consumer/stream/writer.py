@@ -1,7 +1,8 @@
 """Writing decoded envelopes to Postgres: retries, backoff, and isolating refused messages.
 
 Kept apart from the consume loop so that tests and ``replay`` drive the same path with the
-real database and no broker.
+real database and no broker. The store is the port of :mod:`consumer.store.port`: Postgres in
+the service, the in-memory adapter in tests of the loop.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from consumer.ops.logs import fields
 from consumer.ops.metrics import Metrics
 from consumer.retry import Backoff
 from consumer.store.errors import RefusedContent, StoreConflict, StoreUnavailable, classify
-from consumer.store.postgres import BatchOptions, BatchResult, apply_batch
-from consumer.store.retention import read_closed_through_year
+from consumer.store.port import BatchOptions, BatchResult, BatchStore
 from consumer.stream.decode import exception_reason
 from schemas.events import PreferencesChanged
 
@@ -55,7 +55,7 @@ class Unprocessable(Exception):
 class BatchWriter:
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        store: BatchStore,
         options: BatchOptions,
         metrics: Metrics,
         *,
@@ -66,7 +66,7 @@ class BatchWriter:
         on_unavailable: Callable[[bool], None] | None = None,
         lanes: int = 1,
     ) -> None:
-        self._pool = pool
+        self._store = store
         self._options = options
         self._metrics = metrics
         self._counted_types = counted_types
@@ -139,7 +139,7 @@ class BatchWriter:
         self._closed_read_at = time.monotonic()
         try:
             self.closed_through_year = await asyncio.wait_for(
-                read_closed_through_year(self._pool), 2.0
+                self._store.closed_through_year(), 2.0
             )
         except Exception as error:
             log.debug("could not read the closed-years watermark: %s", error)
@@ -167,8 +167,7 @@ class BatchWriter:
         while True:
             started = time.perf_counter()
             try:
-                async with self._pool.acquire(timeout=10) as connection:
-                    result = await apply_batch(connection, plan, self._options)
+                result = await self._store.apply(plan, self._options)
             except RefusedContent:
                 raise
             except Exception as error:

@@ -25,6 +25,7 @@ from consumer.ops.metrics import Metrics
 from consumer.runtime import batch_options
 from consumer.settings import Settings
 from consumer.store.migrate import migrate
+from consumer.store.postgres import PostgresBatchStore
 from consumer.stream.writer import BatchWriter
 from schemas.events import InputEvent
 
@@ -59,7 +60,8 @@ async def write_events(
         async with pool.acquire() as connection:
             await migrate(connection)
         writer = BatchWriter(
-            pool, batch_options(settings, suppress_before_ms=suppress_before_ms), Metrics(),
+            PostgresBatchStore(pool), batch_options(settings, suppress_before_ms=suppress_before_ms),
+            Metrics(),
             counted_types=settings.counted_activity_types,
         )
         outcome = await writer.write(envelopes_of(events, timestamp_ms=timestamp_ms))

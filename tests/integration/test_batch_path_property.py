@@ -1,8 +1,10 @@
-"""The batch path against the real Postgres, compared with a one-event-at-a-time oracle.
+"""The batch path against the real Postgres, compared with a one-event-at-a-time oracle and
+with the in-memory adapter of the store port.
 
 Random sequences of logs, duplicates, conflicting re-logs, deletes (also before their log) and
 preference changes are cut into random batches and written through the engine's own
-BatchWriter. Whatever the cut, counts and milestone records must equal the oracle's.
+BatchWriter, once over each adapter. Whatever the cut, counts, milestone records and each
+message's outcome must equal the oracle's, and be the same on both adapters.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from consumer.domain.batch import Envelope, PreferenceRow, preference_wins
 from consumer.domain.calendar import is_late, session_year
 from consumer.ops.metrics import Metrics
 from consumer.store.migrate import migrate
-from consumer.store.postgres import EVENT_OUTCOMES, BatchOptions
+from consumer.store.postgres import EVENT_OUTCOMES, BatchOptions, PostgresBatchStore
 from consumer.stream.writer import BatchWriter
 from schemas.events import ActivityDeleted, ActivityLogged, PreferencesChanged
+from tests.support.memory_store import MemoryStore
 
 TZ = ZoneInfo("Europe/Oslo")
 THRESHOLDS = (2, 3, 5)
@@ -217,11 +220,14 @@ async def test_any_batching_gives_the_one_at_a_time_result(
             "INSERT INTO milestone_thresholds VALUES ($1, $2)", ORGS[1], list(ORG_THRESHOLDS[ORGS[1]])
         )
         db_now = await connection.fetchval("SELECT now()")
-    metrics = Metrics()
-    writer = BatchWriter(
-        pool, BatchOptions(tz=TZ, default_thresholds=THRESHOLDS, grace_days=GRACE_DAYS),
-        metrics, counted_types=COUNTED,
-    )
+    options = BatchOptions(tz=TZ, default_thresholds=THRESHOLDS, grace_days=GRACE_DAYS)
+    metrics, memory_metrics = Metrics(), Metrics()
+    memory = MemoryStore(clock=lambda: db_now)
+    memory.set_thresholds(ORGS[1], ORG_THRESHOLDS[ORGS[1]])
+    writers = [
+        BatchWriter(PostgresBatchStore(pool), options, metrics, counted_types=COUNTED),
+        BatchWriter(memory, options, memory_metrics, counted_types=COUNTED),
+    ]
     batches = split(items, cuts)
     position = 0
     for batch in batches:
@@ -229,8 +235,9 @@ async def test_any_batching_gives_the_one_at_a_time_result(
         for item in batch:
             envelopes.append(Envelope(to_event(item), position, "t", 0, position, 1_795_000_000_000))
             position += 1
-        outcome = await writer.write(envelopes)
-        assert not outcome.refused
+        for writer in writers:
+            outcome = await writer.write(envelopes)
+            assert not outcome.refused
     expected_counts, expected_records, expected_outcomes = oracle(batches, db_now)
     async with pool.acquire() as connection:
         summary = {
@@ -253,3 +260,14 @@ async def test_any_batching_gives_the_one_at_a_time_result(
     }
     assert {key: value for key, value in outcomes.items() if value} == expected_outcomes
     assert sum(outcomes.values()) == len(items)
+    # The in-memory adapter: the same summaries, records and outcomes.
+    assert {key: row.count for key, row in memory.tables.summaries.items()} == summary
+    assert {
+        (r.mentor_id, r.year, r.milestone_value, r.status, r.activity_id, r.session_count,
+         r.organization_id)
+        for r in memory.tables.records.values()
+    } == stored
+    assert {
+        outcome: memory_metrics.value("milestones_events_total", outcome=outcome)
+        for outcome in EVENT_OUTCOMES
+    } == outcomes

@@ -20,7 +20,7 @@ import pytest
 from consumer.domain.batch import Envelope
 from consumer.ops.metrics import Metrics
 from consumer.store.migrate import migrate
-from consumer.store.postgres import BatchOptions
+from consumer.store.postgres import BatchOptions, PostgresBatchStore
 from consumer.stream.writer import BatchWriter
 from schemas.events import ActivityLogged
 
@@ -52,7 +52,8 @@ async def test_two_writers_with_the_same_activities_in_opposite_orders_count_eac
     activities = [(uuid4(), mentors[index % 20]) for index in range(2_000)]
     metrics = [Metrics(), Metrics()]
     writers = [
-        BatchWriter(pool, OPTIONS, metrics[index], counted_types=None) for index in range(2)
+        BatchWriter(PostgresBatchStore(pool), OPTIONS, metrics[index], counted_types=None)
+        for index in range(2)
     ]
 
     async def feed(writer: BatchWriter, items: list[tuple[UUID, UUID]]) -> None:

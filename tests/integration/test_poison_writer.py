@@ -16,7 +16,7 @@ import pytest
 from consumer.ops.metrics import Metrics
 from consumer.store import postgres as postgres_module
 from consumer.store.migrate import migrate
-from consumer.store.postgres import BatchOptions
+from consumer.store.postgres import BatchOptions, PostgresBatchStore
 from consumer.stream.writer import BatchWriter
 from tests.integration.operations import envelopes_of, summary
 from tests.support import events
@@ -40,7 +40,7 @@ async def test_a_record_whose_evaluation_raises_is_isolated_and_the_rest_committ
 
     monkeypatch.setattr(postgres_module, "decide", decide)
     messages = [events.logged(mentor) for mentor in mentors for _ in range(2)]
-    writer = BatchWriter(pool, OPTIONS, Metrics(), counted_types=None)
+    writer = BatchWriter(PostgresBatchStore(pool), OPTIONS, Metrics(), counted_types=None)
     outcome = await writer.write(envelopes_of(messages))
 
     assert [(e.position, kind) for e, _, kind in outcome.refused] == [
@@ -64,7 +64,7 @@ async def test_an_unclassified_database_error_stops_instead_of_dead_lettering(
     async with pool.acquire() as connection:
         await migrate(connection)
         await connection.execute("DROP TABLE scenario_notifications")
-    writer = BatchWriter(pool, OPTIONS, Metrics(), counted_types=None)
+    writer = BatchWriter(PostgresBatchStore(pool), OPTIONS, Metrics(), counted_types=None)
     mentor = events.new_id()
     with pytest.raises(asyncpg.UndefinedTableError):
         await writer.write(envelopes_of([events.logged(mentor), events.logged(mentor)]))

@@ -16,6 +16,7 @@ from consumer.domain.batch import Envelope
 from consumer.ops.metrics import Metrics
 from consumer.runtime import batch_options
 from consumer.settings import SettingsError
+from consumer.store.postgres import PostgresBatchStore
 from consumer.stream.writer import BatchWriter
 from tests.integration.operations import (
     EVENT_ADAPTER,
@@ -83,7 +84,7 @@ async def test_a_stale_writer_cannot_count_a_closed_year_again(
     session = events.logged(mentor, occurred_at=at(year - 1))
     pool = await asyncpg.create_pool(settings.require_database(), min_size=1, max_size=2)
     try:
-        writer = BatchWriter(pool, batch_options(settings), Metrics(), counted_types=None)
+        writer = BatchWriter(PostgresBatchStore(pool), batch_options(settings), Metrics(), counted_types=None)
 
         async def write(event: dict[str, object]) -> None:
             envelope = Envelope(EVENT_ADAPTER.validate_json(json.dumps(event)), 0, "t", 0, 0,

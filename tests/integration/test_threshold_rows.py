@@ -15,7 +15,7 @@ import pytest
 
 from consumer.ops.metrics import Metrics
 from consumer.store.migrate import available_migrations, migrate
-from consumer.store.postgres import BatchOptions
+from consumer.store.postgres import BatchOptions, PostgresBatchStore
 from consumer.store.sweep_sql import SweepRules, sweep_year
 from consumer.stream.writer import BatchWriter
 from tests.integration.operations import envelopes_of, summary
@@ -103,7 +103,7 @@ async def test_an_unusable_row_past_the_check_makes_its_organization_wait_not_th
         for organization, mentor in mentors.items() for _ in range(2)
     ] + [events.logged(mover, organization_id=fine), events.logged(mover, organization_id=nested)]
     metrics = Metrics()
-    writer = BatchWriter(pool, OPTIONS, metrics, counted_types=None)
+    writer = BatchWriter(PostgresBatchStore(pool), OPTIONS, metrics, counted_types=None)
 
     outcome = await writer.write(envelopes_of(messages))
 

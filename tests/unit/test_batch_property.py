@@ -2,11 +2,12 @@
 
 Two models process the same random stream of events:
 
-* the **store**: ``plan_batch`` → a few lines doing what the batch transaction's SQL does (a
-  ledger with first-write-wins and tombstones, a counted flag, annual counts, recorded
-  milestones with a unique key) → ``tally`` → ``decide``, one delivered batch at a time, with
-  random batch boundaries and crash-redeliveries (a batch committed to the database but not
-  to Kafka comes again, possibly cut differently);
+* the **store**: ``plan_batch`` → the in-memory adapter of the store port
+  (tests/support/memory_store.py: ``tally`` and ``decide`` over its tables; the store
+  contract suite tests/integration/test_store_contract.py holds it equal to the Postgres
+  adapter), one delivered batch at a time, with random batch boundaries and
+  crash-redeliveries (a batch committed to the database but not to Kafka comes again,
+  possibly cut differently);
 * the **oracle**: the contract's rules applied one event at a time, written from docs/contract.md
   without the core's helpers.
 
@@ -20,16 +21,17 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from consumer.domain.batch import Envelope, Event, Removed, plan_batch, tally
-from consumer.domain.calendar import is_late
-from consumer.domain.milestones import MilestoneRecord, decide
+from consumer.domain.batch import Envelope, Event, plan_batch
+from consumer.domain.milestones import MilestoneRecord
+from consumer.store.port import BatchOptions
 from schemas.events import ActivityDeleted, ActivityLogged, PreferencesChanged
+from tests.support.memory_store import MemoryStore
 
 OSLO = ZoneInfo("Europe/Oslo")
 
@@ -74,94 +76,30 @@ class Scenario:
     config: Config
 
 
-# --- the store: what the batch transaction's statements do ---------------------------------
+# --- the store: the in-memory adapter of the store port ------------------------------------
 
 
-@dataclass
-class LedgerRow:
-    mentor_id: uuid.UUID | None  # None: a tombstone (a delete seen before its log)
-    year: int | None
-    counted: bool
-    deleted: bool
-
-
-@dataclass
 class Store:
-    config: Config
-    ledger: dict[uuid.UUID, LedgerRow] = field(default_factory=dict)
-    preferences: dict[uuid.UUID, tuple[bool, datetime]] = field(default_factory=dict)
-    summary: dict[tuple[uuid.UUID, int], tuple[int, uuid.UUID | None]] = field(
-        default_factory=dict
-    )
-    records: dict[tuple[uuid.UUID, int, int], MilestoneRecord] = field(default_factory=dict)
+    """``plan_batch`` then the in-memory store (tests/support/memory_store.py), whose storage
+    rules the store contract suite holds equal to the Postgres adapter's."""
 
-    def apply(self, envelopes: list[Envelope]) -> None:
-        config = self.config
-        plan = plan_batch(envelopes, tz=OSLO, counted_types=config.counted_types)
-        # UPSERT_PREFERENCES: a later changed_at wins; on a tie, opted out wins.
-        for pref in plan.preferences:
-            old = self.preferences.get(pref.mentor_id)
-            if (
-                old is None
-                or pref.changed_at > old[1]
-                or (pref.changed_at == old[1] and old[0] and not pref.milestone_notifications)
-            ):
-                self.preferences[pref.mentor_id] = (pref.milestone_notifications, pref.changed_at)
-        # INSERT_LOGS: first write wins; a tombstone is filled in but stays uncounted. It
-        # reports the counted logs that missed the count.
-        missed: list[uuid.UUID] = []
-        for log in plan.logs:
-            row = self.ledger.get(log.activity_id)
-            if row is None:
-                deleted = log.deleted_at is not None
-                self.ledger[log.activity_id] = LedgerRow(log.mentor_id, log.year, log.counted,
-                                                         deleted)
-                continue
-            if log.counted:
-                missed.append(log.activity_id)
-            if row.mentor_id is None:
-                row.mentor_id, row.year, row.counted = log.mentor_id, log.year, False
-        # APPLY_DELETES: the first delete wins; it takes a counted session out.
-        removed: list[Removed] = []
-        for delete in plan.deletes:
-            row = self.ledger.get(delete.activity_id)
-            if row is None:
-                self.ledger[delete.activity_id] = LedgerRow(None, None, False, True)
-            elif not row.deleted:
-                row.deleted = True
-                if row.counted:
-                    row.counted = False
-                    assert row.mentor_id is not None
-                    assert row.year is not None
-                    removed.append(Removed(delete.activity_id, row.mentor_id, row.year))
-        # UPSERT_SUMMARY then INSERT_MILESTONES (ON CONFLICT DO NOTHING).
-        for (mentor_id, year), change in tally(plan, missed, removed).items():
-            count, organization_id = self.summary.get((mentor_id, year), (0, None))
-            count += change.delta
-            organization_id = change.organization_id or organization_id
-            self.summary[(mentor_id, year)] = (count, organization_id)
-            assert organization_id is not None
-            preference = self.preferences.get(mentor_id)
-            arguments: dict[str, Any] = {
-                "mentor_id": mentor_id,
-                "organization_id": organization_id,
-                "year": year,
-                "count_after": count,
-                "steps": change.steps,
-                # milestone_thresholds LEFT JOIN: an organization's row, else the default.
-                "thresholds": config.overrides.get(organization_id, config.default),
-                "recorded": [m for (who, y, m) in self.records if (who, y) == (mentor_id, year)],
-                "opted_out": preference is not None and not preference[0],
-                "late": is_late(year, config.db_now, OSLO, config.grace_days),
-                "suppress_before_ms": config.suppress_before_ms,
-                "thresholds_of": lambda org: config.overrides.get(org, config.default),
-            }
-            records = decide(**arguments)
-            for record in records:
-                key = (record.mentor_id, record.year, record.milestone_value)
-                # One instance, sequential batches: the unique key is never even needed.
-                assert key not in self.records, f"decided twice: {key}"
-                self.records[key] = record
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.memory = MemoryStore(clock=lambda: config.db_now)
+        for organization_id, thresholds in config.overrides.items():
+            self.memory.set_thresholds(organization_id, thresholds)
+        self.options = BatchOptions(
+            tz=OSLO, default_thresholds=config.default, grace_days=config.grace_days,
+            suppress_before_ms=config.suppress_before_ms,
+        )
+
+    async def apply(self, envelopes: list[Envelope]) -> None:
+        plan = plan_batch(envelopes, tz=OSLO, counted_types=self.config.counted_types)
+        await self.memory.apply(plan, self.options)
+
+    @property
+    def records(self) -> dict[tuple[uuid.UUID, int, int], MilestoneRecord]:
+        return self.memory.tables.records
 
     def outcomes(self) -> set[Outcome]:
         return {
@@ -170,7 +108,7 @@ class Store:
         }
 
     def counts(self) -> dict[tuple[uuid.UUID, int], int]:
-        return {key: count for key, (count, _) in self.summary.items() if count}
+        return {key: s.count for key, s in self.memory.tables.summaries.items() if s.count}
 
 
 # --- the oracle: the contract, one event at a time -----------------------------------------
@@ -362,7 +300,7 @@ def scenarios(draw: st.DrawFn, org_mode: OrgMode, same_thresholds: bool = False)
     return Scenario(stream, deliveries, config)
 
 
-def run(scenario: Scenario) -> tuple[Store, Oracle]:
+async def run(scenario: Scenario) -> tuple[Store, Oracle]:
     store, oracle = Store(scenario.config), Oracle(scenario.config)
     for start, end in scenario.deliveries:
         events = scenario.stream[start:end]
@@ -379,7 +317,7 @@ def run(scenario: Scenario) -> tuple[Store, Oracle]:
             )
             for position, (event, timestamp_ms) in enumerate(events)
         ]
-        store.apply(envelopes)
+        await store.apply(envelopes)
         oracle.batch(events)
     return store, oracle
 
@@ -411,13 +349,13 @@ def describe(scenario: Scenario) -> list[str]:
     return lines
 
 
-def check(scenario: Scenario) -> tuple[Store, Oracle]:
-    store, oracle = run(scenario)
+async def check(scenario: Scenario) -> tuple[Store, Oracle]:
+    store, oracle = await run(scenario)
     assert store.outcomes() == oracle.outcomes()
     assert store.counts() == {key: count for key, count in oracle.counts.items() if count}
     # The annual count is the number of counted sessions in the ledger, never negative.
     ledger_counts = Counter(
-        (row.mentor_id, row.year) for row in store.ledger.values() if row.counted
+        (row.mentor_id, row.year) for row in store.memory.tables.ledger.values() if row.counted
     )
     assert store.counts() == dict(ledger_counts)
     # The organization on a record is the one current when the milestone was reached.
@@ -432,34 +370,34 @@ EXAMPLES = settings(max_examples=200, deadline=None)
 
 @EXAMPLES
 @given(scenarios(org_mode="home"))
-def test_each_reached_milestone_is_recorded_once_whatever_the_batching(
+async def test_each_reached_milestone_is_recorded_once_whatever_the_batching(
     scenario: Scenario,
 ) -> None:
     for line in describe(scenario):
         note(line)
-    store, _ = check(scenario)
+    store, _ = await check(scenario)
     home = dict(zip(MENTORS, ORGS, strict=True))
     assert all(r.organization_id == home[r.mentor_id] for r in store.records.values())
 
 
 @EXAMPLES
 @given(scenarios(org_mode="free", same_thresholds=True))
-def test_organization_changes_with_the_same_thresholds_do_not_depend_on_batching(
+async def test_organization_changes_with_the_same_thresholds_do_not_depend_on_batching(
     scenario: Scenario,
 ) -> None:
     for line in describe(scenario):
         note(line)
-    check(scenario)
+    await check(scenario)
 
 
 @EXAMPLES
 @given(scenarios(org_mode="free"))
-def test_organization_switches_with_other_thresholds_do_not_depend_on_batching(
+async def test_organization_switches_with_other_thresholds_do_not_depend_on_batching(
     scenario: Scenario,
 ) -> None:
     for line in describe(scenario):
         note(line)
-    check(scenario)
+    await check(scenario)
 
 
 # --- the minimal counterexamples of a batch judged by its last organization ------------------
@@ -501,27 +439,27 @@ def _reached_before_scenario(deliveries: list[tuple[int, int]]) -> Scenario:
     return Scenario(stream, deliveries, config)
 
 
-def test_milestone_reached_before_an_organization_switch_is_recorded_one_event_at_a_time() -> None:
-    store, _ = check(_missed_scenario([(0, 1), (1, 2), (2, 3)]))
+async def test_milestone_reached_before_an_organization_switch_is_recorded_one_event_at_a_time() -> None:
+    store, _ = await check(_missed_scenario([(0, 1), (1, 2), (2, 3)]))
     assert store.outcomes() == {(MENTORS[0], 2026, 2, "pending", ACTIVITIES[1])}
 
 
-def test_threshold_reached_before_an_organization_switch_has_no_activity_one_event_at_a_time(
+async def test_threshold_reached_before_an_organization_switch_has_no_activity_one_event_at_a_time(
 ) -> None:
-    store, _ = check(_reached_before_scenario([(0, 1), (1, 2)]))
+    store, _ = await check(_reached_before_scenario([(0, 1), (1, 2)]))
     assert store.outcomes() == {
         (MENTORS[0], 2026, 1, "pending", None),
         (MENTORS[0], 2026, 2, "pending", ACTIVITIES[1]),
     }
 
 
-def test_milestone_reached_before_an_organization_switch_is_recorded_in_one_batch() -> None:
+async def test_milestone_reached_before_an_organization_switch_is_recorded_in_one_batch() -> None:
     # Judged by o1's empty thresholds only, milestone 2 (reached under o0) was never recorded.
-    store, _ = check(_missed_scenario([(0, 3)]))
+    store, _ = await check(_missed_scenario([(0, 3)]))
     assert [r.organization_id for r in store.records.values()] == [ORGS[0]]
 
 
-def test_threshold_reached_before_an_organization_switch_has_no_activity_in_one_batch() -> None:
+async def test_threshold_reached_before_an_organization_switch_has_no_activity_in_one_batch() -> None:
     # Walking o1's (1, 2) over both sessions gave milestone 1 the first session (logged under
     # o0, which has no milestone 1) as its crossing, where the contract says null.
-    check(_reached_before_scenario([(0, 2)]))
+    await check(_reached_before_scenario([(0, 2)]))
