@@ -84,5 +84,8 @@ async def test_the_loop_counts_dead_letters_and_commits_over_the_in_memory_store
     assert letter.value == b"{not json"
     assert letter.header("source_offset") == str(poison.offset)
     # Step 3: every partition committed up to its end; step 4: the publisher was woken.
-    assert committed == high
+    assert {tp: offset for tp, offset in committed.items() if high[tp]} == {
+        tp: end for tp, end in high.items() if end
+    }
+    assert any(high.values())
     assert sum(woken) == 2  # the two pending records

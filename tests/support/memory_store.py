@@ -109,8 +109,8 @@ class _Batch:
         outcomes["conflict"] = plan.conflicts
         outcomes["closed_year"] = plan.closed_year
         outcomes["preference"] = len(plan.preferences) + plan.superseded_preferences
-        for preference in plan.preferences:
-            self.prefer(preference)
+        for change_of_mind in plan.preferences:
+            self.prefer(change_of_mind)
         missed = [log.activity_id for log in plan.logs if not self.log(log) and log.counted]
         removed = [gone for delete in plan.deletes if (gone := self.delete(delete.activity_id))]
         self.result.new_sessions = outcomes["counted"]
