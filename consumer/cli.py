@@ -47,7 +47,7 @@ def _stop_early_on_signals() -> None:
     """Until the service installs its own handlers, SIGTERM/SIGINT simply exit 0.
 
     Importing pydantic, asyncpg and aiokafka takes about half a second; a SIGTERM in that
-    window used to kill the process with -15 instead of the contract's clean exit.
+    window would otherwise kill the process with -15 instead of the contract's clean exit.
     """
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)

@@ -232,10 +232,10 @@ def tune_garbage_collector(batch_max_records: int) -> None:
     The engine's per-event objects are acyclic and freed by reference counting, so the cyclic
     collector only costs time. A young collection walks every live object allocated since the
     last one: with a threshold below what two batches in flight (the one being written and the
-    prefetched one) hold, every batch paid a collection of about 16 ms that walked the whole
-    batch and found nothing. Measured on 300,000 events (py-spy, then ``gc.callbacks``):
-    58 young collections took 0.93 s of an 8 s run; with the threshold above the in-flight
-    objects, none ran, and end to end went from 37k to 42-44k events/s (alternating rounds).
+    prefetched one) hold, every batch pays a collection of about 16 ms that walks the whole
+    batch and finds nothing. Measured on 300,000 events (py-spy, then ``gc.callbacks``, rounds
+    alternating): below, 58 young collections took 0.93 s of an 8 s run, 37k events/s end to
+    end; above the in-flight objects, none ran, 42-44k events/s.
     Cyclic garbage, rare here, is still collected every ``threshold`` net allocations.
     """
     gc.collect()
@@ -271,8 +271,8 @@ async def wait_until_sent(
     left = await still_pending(pool, ids) if ids else 0
     while left and time.monotonic() < deadline:
         publisher.wake()
-        # The check looks up every id still in the list: with 160,000 of them, every 0.2 s it
-        # took half of the time the publisher (on the same event loop and database) needed.
+        # The check looks up every id still in the list: with 160,000 of them, a check every
+        # 0.2 s would take half the time the publisher (same event loop and database) needs.
         await asyncio.sleep(min(2.0, 0.2 + left / 50_000))
         left = await still_pending(pool, ids)
     if left:

@@ -115,8 +115,8 @@ def plan_batch(
     The first ``activity.deleted`` of an id is kept; all deletes are applied after the logs, so
     a delete that came first marks its log as not counted instead.
 
-    Dictionaries are keyed by ``uuid.int``: ``UUID.__hash__`` is a Python-level method, and it
-    was called several times per event.
+    Dictionaries are keyed by ``uuid.int``: ``UUID.__hash__`` is a Python-level method, which
+    keys of UUIDs would call several times per event.
     """
     plan = BatchPlan(envelopes=list(envelopes))
     logs: dict[int, LogRow] = {}

@@ -24,7 +24,7 @@ def session_year(occurred_at: datetime, tz: ZoneInfo) -> int:
 class YearOf:
     """:func:`session_year` for many sessions: a bisect over precomputed local new years.
 
-    ``astimezone`` per session was the largest single cost of planning a batch; a timestamp
+    ``astimezone`` per session would be the largest single cost of planning a batch; a timestamp
     and a bisect give the same answer (a unit property checks it) in a fraction of the time.
     Instants outside the precomputed years fall back to :func:`session_year`.
     """

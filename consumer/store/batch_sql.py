@@ -30,8 +30,8 @@ WHERE excluded.changed_at > p.changed_at
 # against earlier logs only; only the exceptions are probed a second time (about 1 % of a
 # batch; every row in a replay over a filled ledger, which is what a replay is), each by one
 # lookup in the primary key: a scalar subquery, because as a join the planner, misjudging how
-# many exceptions the anti-join leaves (thousands instead of tens), hashed the whole ledger
-# once per batch (68 of 116 ms at 56,000 ledger rows, growing with the ledger).
+# many exceptions the anti-join leaves (thousands instead of tens), hashes the whole ledger
+# once per batch (measured: 68 of 116 ms at 56,000 ledger rows, growing with the ledger).
 INSERT_LOGS = """
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[], $5::timestamptz[],

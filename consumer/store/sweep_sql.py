@@ -10,8 +10,8 @@ One chunk is one transaction of two statements, in the engine's lock order:
      milliseconds); the sweep never holds the whole table;
   2. insert them (ids computed in Python: UUIDv5 needs SHA-1, which stock Postgres lacks), in
      key order: the unique key, not this process, decides which of two sweeps or the live
-     consumer records a milestone. A plain INSERT: ON CONFLICT's speculative insertion cost a
-     third of the insert's CPU (1.6 -> 1.1 s of Postgres CPU for 160,000 records), and a
+     consumer records a milestone. A plain INSERT: ON CONFLICT's speculative insertion costs a
+     third of the insert's CPU (1.6 s against 1.1 s of Postgres CPU for 160,000 records), and a
      conflict is rare, since the FOR SHARE locks keep ``run`` from recording for the chunk's
      mentors meanwhile (only another sweep, or a batch that committed between the chunk's
      snapshot and its lock, can). A conflict rolls the chunk back, and the chunk runs again

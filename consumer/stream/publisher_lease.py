@@ -27,9 +27,9 @@ LEASE_COMMAND_TIMEOUT_S = 30.0
 
 # Every statement of the publisher finds rows by key (the acknowledged ids, what the read-back
 # found) or walks the pending index in its order, whatever the table holds: those plans are
-# right at any size. Left to itself the planner hashed or bitmap-scanned the whole table per
-# round, above all right after a sweep had recorded 160,000 rows in one transaction and the
-# statistics knew none of them: 110 to 140 ms per statement instead of 30 to 75, every round.
+# right at any size. Left to itself the planner hashes or bitmap-scans the whole table per
+# round, above all right after a sweep has recorded 160,000 rows in one transaction that the
+# statistics do not know yet: 110 to 140 ms per statement instead of 30 to 75, every round.
 KEYED_PLANS = {
     "enable_seqscan": "off",
     "enable_bitmapscan": "off",
