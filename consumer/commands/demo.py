@@ -48,6 +48,7 @@ from consumer.commands.demo_view import (
 )
 from consumer.ops.metrics import Metrics
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
+from consumer.store.mentor_sql import mentors_overview
 from consumer.stream.kafka import kafka_client_options
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,6 @@ POLL_INTERVAL_S = 0.5
 SETTLE_TIMEOUT_S = 30.0
 # Messages produced between two flushes while the traffic step spreads them out.
 TRAFFIC_CHUNK = 10
-
-_COUNTS = "SELECT user_id, year, session_count FROM annual_summary WHERE user_id = ANY($1::uuid[])"
-_MILESTONES = """
-SELECT user_id, year, milestone_value, status, suppressed_reason FROM scenario_notifications
-WHERE user_id = ANY($1::uuid[]) ORDER BY created_at, milestone_value
-"""
-
 
 def _say(text: str) -> None:
     print(text, flush=True)
@@ -286,8 +280,7 @@ async def _poll(pool: Any, metrics: Metrics, story: Story, state: DemoState) -> 
         _read_metrics(metrics, state, totals)
         try:
             async with pool.acquire() as connection:
-                counts = await connection.fetch(_COUNTS, ids)
-                rows = await connection.fetch(_MILESTONES, ids)
+                counts, rows = await mentors_overview(connection, ids)
         except Exception as error:  # the schema not migrated yet, a restart: next round
             log.debug("demo poll: %s", error)
         else:

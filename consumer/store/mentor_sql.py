@@ -1,4 +1,5 @@
-"""What ``milestones mentor`` shows: one mentor's year, read in one snapshot."""
+"""What ``milestones mentor`` shows: one mentor's year, read in one snapshot; and the demo's view
+of a few mentors."""
 
 from __future__ import annotations
 
@@ -62,3 +63,17 @@ async def mentor_facts(connection: asyncpg.Connection, mentor_id: UUID, year: in
                    for row in await connection.fetch(_YEARS, mentor_id)},
             db_now=await connection.fetchval("SELECT now()"),
         )
+
+
+_COUNTS = "SELECT user_id, year, session_count FROM annual_summary WHERE user_id = ANY($1::uuid[])"
+_MILESTONES = """
+SELECT user_id, year, milestone_value, status, suppressed_reason FROM scenario_notifications
+WHERE user_id = ANY($1::uuid[]) ORDER BY created_at, milestone_value
+"""
+
+
+async def mentors_overview(
+    connection: asyncpg.Connection, ids: list[UUID]
+) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    """A few mentors' counts per year and their milestones in record order (the demo's view)."""
+    return await connection.fetch(_COUNTS, ids), await connection.fetch(_MILESTONES, ids)

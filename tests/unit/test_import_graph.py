@@ -10,6 +10,7 @@ is the CLI's lazy imports of the commands and the service, which exist so that `
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +126,17 @@ def test_there_is_no_import_cycle(package: str) -> None:
 def test_a_cycle_is_found_when_there_is_one() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+_SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|WITH|CREATE|ALTER|DROP|GRANT|LOCK)\s")
+
+
+def test_sql_is_written_only_in_the_store() -> None:
+    offenders = sorted(
+        f"{name}:{node.lineno} {node.value.strip()[:40]!r}"
+        for name, path in MODULES.items()
+        if name.startswith("consumer") and not name.startswith("consumer.store")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and _SQL.match(node.value)
+    )
+    assert offenders == []
