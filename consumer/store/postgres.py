@@ -206,11 +206,17 @@ async def _apply(
     def thresholds_of(organization_id: UUID) -> tuple[int, ...]:
         return thresholds_for(organization_id, overrides, options.default_thresholds)
 
+    # Per year, not per row: every row carries the same now() (the transaction's start), and
+    # the deadline's time-zone arithmetic cost about 0.2 us per event in the profile.
+    late_in: dict[int, bool] = {}
     for context in contexts:
         key = (context["user_id"], context["year"])
         change = changes[key]
         thresholds = thresholds_of(context["organization_id"])
-        db_now: datetime = context["db_now"]
+        late = late_in.get(key[1])
+        if late is None:
+            db_now: datetime = context["db_now"]
+            late = late_in[key[1]] = is_late(key[1], db_now, options.tz, options.grace_days)
         result.records.extend(
             decide(
                 mentor_id=key[0],
@@ -221,7 +227,7 @@ async def _apply(
                 thresholds=thresholds,
                 recorded=context["recorded"],
                 opted_out=context["opted_out"],
-                late=is_late(key[1], db_now, options.tz, options.grace_days),
+                late=late,
                 suppress_before_ms=options.suppress_before_ms,
                 thresholds_of=thresholds_of,
             )
