@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 # In the live view's milestones table: mentor, year, milestone, status.
 MILESTONE_ROW = re.compile(r"│ (Astrid|Bjørn) +\d{4} +(50|100) +published")
+FRAME_BOTTOM = re.compile(r"╰─+╯╰─+╯")
 
 
 def _env() -> dict[str, str]:
@@ -137,11 +138,14 @@ async def test_demo_on_a_terminal_draws_the_live_view_and_exits_by_itself() -> N
                 stream.feed(chunk)
                 children |= _children(process.pid) if process.returncode is None else set()
                 shown = "\n".join(screen.display)
-                # a whole frame (the last panel drawn) with a milestone's row in it
-                if MILESTONE_ROW.search(shown) and "Dead letters" in shown:
+                # Only whole frames: rich erases the view, then draws it top down, so a frame
+                # is whole once its last line (the bottom of the two lower panels) is drawn.
+                if not any(FRAME_BOTTOM.fullmatch(line.rstrip()) for line in screen.display):
+                    continue
+                if MILESTONE_ROW.search(shown):
                     seen.setdefault("milestone", shown)
                 if "The end: every count, milestone and dead letter" in shown:
-                    seen["end"] = shown
+                    seen.setdefault("end", shown)
             code = await process.wait()
     finally:
         loop.remove_reader(master)
