@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from consumer.embedded import free_port, start_broker, start_postgres
+from devstack.broker import start_broker
+from devstack.postgres import start_postgres
+from devstack.processes import free_port
 from tests.support.engine import EngineLauncher
 from tests.support.kafka import KafkaHelper
 from tests.support.postgres import (

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from consumer.embedded import free_port, start_broker
 from consumer.settings import Settings
 from consumer.stream.kafka import kafka_client_options
+from devstack.broker import start_broker
+from devstack.processes import free_port
 from tests.support.kafka import KafkaHelper
 from tests.support.sasl_gateway import SaslGateway
 from tests.support.tls import Certificates, stunnel

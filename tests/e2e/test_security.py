@@ -18,7 +18,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
-from consumer.embedded import EmbeddedPostgres, start_postgres
+from devstack.postgres import EmbeddedPostgres, start_postgres
 from tests.e2e.conftest import nid
 from tests.e2e.security_support import all_outputs, secured_broker
 from tests.support.engine import EngineLauncher, EngineProcess

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from consumer.embedded import async_wait_for_port, free_port
 from consumer.stream.admin import create_topics
+from devstack.processes import async_wait_for_port, free_port
 from tests.faults.proxy import Proxy
 from tests.support.kafka import KafkaHelper
 from tests.support.topics import Topics

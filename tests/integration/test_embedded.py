@@ -1,4 +1,4 @@
-"""``consumer/embedded.py``: the throwaway broker and PostgreSQL leave nothing behind."""
+"""``devstack/``: the throwaway broker and PostgreSQL leave nothing behind."""
 
 from __future__ import annotations
 
@@ -15,12 +15,9 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.embedded import (
-    async_embedded_broker,
-    async_embedded_postgres,
-    embedded_broker,
-)
 from consumer.stream.admin import create_topics
+from devstack.broker import async_embedded_broker, embedded_broker
+from devstack.postgres import async_embedded_postgres
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +90,8 @@ async def test_create_topics_leaves_existing_topics_alone() -> None:
 
 _PARENT = """
 import sys, time
-from consumer.embedded import embedded_broker, embedded_postgres
+from devstack.broker import embedded_broker
+from devstack.postgres import embedded_postgres
 with embedded_broker() as broker, embedded_postgres() as pg:
     print(broker.port, broker.pid, pg.port, pg.pid, flush=True)
     time.sleep(120)

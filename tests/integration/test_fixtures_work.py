@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumer.embedded import free_port, wait_for_port
+from devstack.processes import free_port, wait_for_port
 from tests.support import events
 from tests.support.engine import EngineLauncher, http_get
 from tests.support.kafka import KafkaHelper

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from consumer.embedded import free_port
+from devstack.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE_COMMAND = (sys.executable, "-m", "consumer")

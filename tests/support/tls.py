@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from consumer.embedded import free_port, wait_for_port
+from devstack.processes import free_port, wait_for_port
 
 
 @dataclass(frozen=True)

