@@ -95,14 +95,29 @@ _LOG_COLUMNS = attrgetter(
 )
 
 
-def _year_inputs(changes: dict[tuple[UUID, int], YearChange]) -> list[list[Any]]:
+def _year_inputs(
+    changes: dict[tuple[UUID, int], YearChange], default_thresholds: Sequence[int]
+) -> list[list[Any]]:
+    """UPSERT_SUMMARY's arrays: the changes, the mentor-years it must return whatever their
+    count (a delete: the count peaked inside the batch; a step under another organization than
+    the last: judged under other thresholds), and the default thresholds."""
     mentors, years, deltas, organizations = [], [], [], []
+    named_mentors, named_years = [], []
     for (mentor_id, year), change in changes.items():
         mentors.append(mentor_id)
         years.append(year)
         deltas.append(change.delta)
         organizations.append(change.organization_id)
-    return [mentors, years, deltas, organizations]
+        final = change.organization_id
+        steps = change.steps
+        if final is None or steps[0].delta < 0 or (len(steps) > 1 and any(
+            step.delta < 0 or (step.organization_id is not None and step.organization_id != final)
+            for step in steps
+        )):
+            named_mentors.append(mentor_id)
+            named_years.append(year)
+    return [mentors, years, deltas, organizations, named_mentors, named_years,
+            list(default_thresholds)]
 
 
 def _record_inputs(records: Sequence[MilestoneRecord]) -> list[list[Any]]:
@@ -190,7 +205,9 @@ async def _apply(
     changes = tally(plan, missed, removed)
     if not changes:
         return result
-    contexts = await connection.fetch(batch_sql.UPSERT_SUMMARY, *_year_inputs(changes))
+    contexts = await connection.fetch(
+        batch_sql.UPSERT_SUMMARY, *_year_inputs(changes, options.default_thresholds)
+    )
     other_thresholds = await _thresholds_of_other_organizations(connection, contexts, changes)
 
     # Every organization's own row seen by this batch; thresholds_for applies the default.

@@ -27,7 +27,8 @@ async def _summary_plan(connection: asyncpg.Connection, mentors: list[uuid.UUID]
     ones = f"array_fill(1, ARRAY[{len(mentors)}])"
     years = f"array_fill(2026, ARRAY[{len(mentors)}])"
     organizations = f"array_fill('{ORG}'::uuid, ARRAY[{len(mentors)}])"
-    arguments = f"({literal}, {years}, {ones}, {organizations})"
+    arguments = (f"({literal}, {years}, {ones}, {organizations}, ARRAY[]::uuid[], ARRAY[]::int[],"
+                 " ARRAY[1])")
     for _ in range(6):  # the sixth run may switch to a generic plan
         async with connection.transaction():
             await connection.execute(f"EXECUTE summary{arguments}")
