@@ -88,8 +88,9 @@ class ReadBack:
         if reader is not None:
             await within(reader.stop(), 5.0, "stopping the publisher's reader")
 
-    async def run(self, connection: asyncpg.Connection, stop: asyncio.Event) -> None:
-        """Mark as published every pending row already on the topic past our last position.
+    async def run(self, connection: asyncpg.Connection, stop: asyncio.Event) -> int:
+        """Mark as published every pending row already on the topic past our last position;
+        return how many records it read.
 
         Raises ``KafkaTimeoutError`` when the broker lets it make no progress for
         ``stall_timeout_s``, or at shutdown; what it has read so far stays settled.
@@ -129,6 +130,7 @@ class ReadBack:
             log.warning("publisher: read-back found %d pending notification(s) already sent",
                         tally.hits)
             self._metrics.inc("milestones_readback_hits_total", tally.hits)
+        return tally.read
 
     async def _scan(
         self,

@@ -15,7 +15,10 @@ import time
 
 import asyncpg
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
+from consumer.ops.metrics import Metrics
+from consumer.stream.read_back import ReadBack
 from tests.faults.checks import (
     metric,
     notification_ids,
@@ -24,6 +27,8 @@ from tests.faults.checks import (
     sessions,
     stop_all,
 )
+from tests.faults.conftest import ProxiedBroker
+from tests.integration.operations import connect, settings_from
 from tests.support import events
 from tests.support.engine import EngineLauncher
 from tests.support.kafka import KafkaHelper
@@ -110,3 +115,49 @@ async def test_a_long_topic_without_records_is_read_back_in_saved_chunks_then_pu
     print(f"\n{EARLIER:,} notifications produced in {produced_s:.1f} s, read back in"
           f" {read_back_s:.1f} s ({EARLIER / read_back_s:,.0f}/s, start-up included),"
           f" {len(seen_between)} intermediate positions seen")
+
+
+async def test_a_read_back_that_stalls_gives_up_and_the_next_one_goes_on_from_where_it_was(
+    proxied_broker: ProxiedBroker,
+    proxied_kafka: KafkaHelper,
+    topics: Topics,
+    database_url: str,
+    engine_env: dict[str, str],
+) -> None:
+    """No deadline, a stall limit: a read-back whose broker stops answering gives up after
+    ``stall_timeout_s`` without a record, keeping what it settled; the next one starts there."""
+    total = 100_000
+    await proxied_kafka.produce_batched(topics.notifications, (
+        (mentor.encode(), b"{}", [("notification_id", events.notification_id(mentor, 2025, 50)
+                                   .encode())])
+        for mentor in (events.new_id() for _ in range(total))
+    ))
+    settings = settings_from({**engine_env, **proxied_broker.env()})
+    connection = await connect(database_url)
+    watcher = await asyncpg.connect(database_url)
+    read_back = ReadBack(settings, Metrics(), chunk=2_000, stall_timeout_s=2.0)
+    try:
+        proxied_broker.proxy.latency_s = 0.2  # a slow link: the read-back takes seconds
+        first = asyncio.ensure_future(read_back.run(connection, asyncio.Event()))
+        deadline = time.monotonic() + 60
+        while not await _positions(watcher, topics.notifications):
+            assert not first.done(), first
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        proxied_broker.freeze()
+        try:
+            with pytest.raises(KafkaTimeoutError, match="no record for 2 s"):
+                await asyncio.wait_for(first, 30)
+        finally:
+            proxied_broker.thaw()
+        saved = await _positions(watcher, topics.notifications)
+        assert 0 < saved < total
+        proxied_broker.proxy.latency_s = 0.0
+        again = await read_back.run(connection, asyncio.Event())
+        assert again == total - saved
+        assert await _positions(watcher, topics.notifications) == total
+        assert await watcher.fetchval("SELECT count(*) FROM publisher_unrecorded") == total
+    finally:
+        await read_back.close()
+        await watcher.close()
+        await connection.close()
