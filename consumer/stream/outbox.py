@@ -4,8 +4,10 @@ Three parts, one module each: the lease (``publisher_lease.py``: one publisher a
 across every process of the deployment, ``run``, ``sweep``, ``replay``), the read-back
 (``read_back.py``: settles sends whose outcome is unknown by reading the topic), and the send
 loop here, which ties them together.
-What remains: a send already in flight from a publisher that has been cut off from Postgres can
-land after the new publisher's read-back, and is then emitted twice (docs/guarantees.md).
+What remains: a publisher whose Postgres session (and with it the lease) ended while the
+process runs on still sends what it picked; from the pick (3) until those records are on the
+topic, another lease holder's read-back does not see them and sends them again
+(docs/guarantees.md).
 
 aiokafka's own re-sends are turned off for this producer (``make_producer``): after a lost
 acknowledgement it would write the batch again by itself, which only a read-back can settle.
@@ -13,8 +15,10 @@ acknowledgement it would write the batch again by itself, which only a read-back
 One cycle, numbered as in the code:
   1. take or confirm the lease           fails: no lease -> wait, another process publishes
   2. read back if in doubt               fails: broker away -> stay in doubt, retry later
-  3. suppress rows of opted-out mentors, select pending rows (in created_at order), on the
-     lease connection                    fails: database away -> drop the lease, back off
+  3. pick the oldest pending rows, on the lease connection; among them mark published those
+     the read-back saw on the topic before they had a record, suppress those of opted-out
+     mentors, clear an operator's re-send mark (one statement)
+                                         fails: database away -> drop the lease, back off
   4. send them (acks=all): one record batch per partition, all handed over at once, then
      await every acknowledgement     fails: -> in doubt, go to 2 before any other send
   5. mark the acknowledged rows published with their partition and offset, one UPDATE over
