@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -86,6 +87,20 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
                    "text or json", metavar="FORMAT")
 
 
+def calendar_year(text: str) -> int:
+    """A ``--year`` value: a whole number in the years the engine counts (1900 to 2200, the
+    range of the timestamps it accepts); outside it the date arithmetic itself would fail."""
+    from consumer.stream.decode import MAX_YEAR, MIN_YEAR
+
+    try:
+        year = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a year: {text!r}") from None
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        raise argparse.ArgumentTypeError(f"{year} is outside {MIN_YEAR} to {MAX_YEAR}")
+    return year
+
+
 class CommandParser(argparse.ArgumentParser):
     """The parser of ``milestones`` and of each of its sub-commands (argparse builds those with
     the class of their parent): each one accepts the global options."""
@@ -123,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="suppress milestones reached by sessions older than the replay"
                              " (default: notify as the live service would)")
     sweep = commands.add_parser("sweep", help="record every reached milestone that is missing")
-    sweep.add_argument("--year", type=int,
+    sweep.add_argument("--year", type=calendar_year,
                        help="the year to sweep (default: the current year in MILESTONES_TIMEZONE)")
     sweep.add_argument("--organization", metavar="UUID",
                        help="only this organization's mentors (default: every organization)")
@@ -131,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="count what would be recorded, per organization and year, and record"
                             " nothing (default: record)")
     reconcile = commands.add_parser("reconcile", help="compare annual_summary with the ledger")
-    reconcile.add_argument("--year", type=int,
+    reconcile.add_argument("--year", type=calendar_year,
                            help="the year to compare (default: every open year, those after"
                                 " the closed-years watermark)")
     reconcile.add_argument("--fix", action="store_true",
@@ -140,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="recompute years and counts under the current settings"
                                 " (default: off)")
     prune = commands.add_parser("prune", help="drop ledger rows of closed years")
-    prune.add_argument("--before-year", type=int, required=True, metavar="YEAR",
+    prune.add_argument("--before-year", type=calendar_year, required=True, metavar="YEAR",
                        help="close every year before YEAR (required; no default)")
     prune.add_argument("--tombstone-days", type=int, default=400, metavar="DAYS",
                        help="also delete delete-markers older than DAYS days (default: 400)")
@@ -190,7 +205,7 @@ def _operator_commands(commands: Any) -> None:
     mentor = commands.add_parser("mentor", help="one mentor's year: count, thresholds, "
                                  "opt-out, each milestone and why it was (not) sent")
     mentor.add_argument("mentor_id", metavar="MENTOR_ID")
-    mentor.add_argument("--year", type=int,
+    mentor.add_argument("--year", type=calendar_year,
                         help="calendar year (default: this year in MILESTONES_TIMEZONE)")
     mentor.add_argument("--json", action="store_true", help="one JSON object instead of text (default: text)")
     thresholds = commands.add_parser("thresholds", help="list, set or unset an organization's "
@@ -295,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `milestones ... | head`: the reader has what it wanted, which is not an error (a
+        # command that must report a state, like `status`, handles this itself). Standard
+        # output now goes nowhere, so the interpreter's last flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as error:
         refusal = _privilege_refusal(error)
         if refusal is None:

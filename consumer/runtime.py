@@ -26,7 +26,7 @@ from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.errors import DatabaseRefused, StoreUnavailable
-from consumer.store.migrate import ensure_schema
+from consumer.store.migrate import ensure_schema, pending_migrations
 from consumer.store.outbox_sql import still_pending
 from consumer.store.postgres import BatchOptions, PostgresBatchStore, connect_pool
 from consumer.stream.decode import ACTIVITY_EVENTS, PREFERENCE_EVENTS
@@ -98,15 +98,23 @@ async def command_pool(
     settings: Settings, *, max_size: int = 4, migrate: bool = True,
     statement_timeouts: bool = True,
 ) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on an up-to-date schema (migrated when this role may, as ``run`` does).
+    """A pool on an up-to-date schema: migrated when this role may, as ``run`` does, or, with
+    ``migrate`` False (commands that only read, and dry runs, which change nothing), checked:
+    a schema that is behind is a :class:`SettingsError` (one line, exit 2) saying to run
+    ``migrate``, not a traceback from the first query that meets a missing table.
 
     ``statement_timeouts`` False for commands whose single statements may run long.
     """
     pool = await open_pool(settings, max_size=max_size, statement_timeouts=statement_timeouts)
     try:
-        if migrate:
-            async with pool.acquire() as connection:
+        async with pool.acquire() as connection:
+            if migrate:
                 await ensure_schema(connection)
+            elif pending := await pending_migrations(connection):
+                raise SettingsError(
+                    f"{ENV_PREFIX}DATABASE_URL: the database lacks {len(pending)} of the"
+                    " engine's schema migrations: run `milestones migrate` first"
+                )
         yield pool
     finally:
         with contextlib.suppress(Exception):

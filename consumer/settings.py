@@ -161,6 +161,15 @@ class Settings(BaseSettings):
                 raise ValueError(problem)
         return value
 
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _usable_servers(cls, value: str | None) -> str | None:
+        if value:
+            problem = bootstrap_servers_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -226,6 +235,21 @@ def database_url_problem(url: str) -> str | None:
         number = port.rsplit(":", 1)[1]
         if not (number.isdigit() and 1 <= int(number) <= 65535):
             return f"port {number!r} is not a number from 1 to 65535: write it as {_URL_EXAMPLE}"
+    return None
+
+
+def bootstrap_servers_problem(servers: str) -> str | None:
+    """Why aiokafka could not use ``servers`` (``host:port[,host:port]``), or None. Checked at
+    start: aiokafka would raise from deep inside the first client's start instead."""
+    for server in filter(None, (part.strip() for part in servers.split(","))):
+        host, separator, port = server.rpartition(":")
+        if not separator or host.endswith(":"):  # no port (aiokafka's default 9092), or IPv6
+            continue
+        if not host or host == "[]":
+            return f"{server!r} has no host: write it as host:9092[,host:9092]"
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return (f"port {port!r} of {server!r} is not a number from 1 to 65535:"
+                    " write it as host:9092[,host:9092]")
     return None
 
 

@@ -94,7 +94,7 @@ async def prune_command(
     started = time.monotonic()
     if dry_run:
         async with command_pool(
-            settings, max_size=1, statement_timeouts=False
+            settings, max_size=1, migrate=False, statement_timeouts=False
         ) as pool, pool.acquire() as connection:
             plan = await plan_prune(connection, before_year - 1, tombstone_days)
         _print_prune_plan(plan, before_year, tombstone_days)

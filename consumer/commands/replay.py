@@ -104,7 +104,9 @@ class StartingPoint:
             raise SettingsError(
                 f"--from-timestamp: {from_timestamp!r} has no offset (e.g. 2026-01-01T00:00:00+01:00)"
             )
-        return cls("timestamp", int(moment.timestamp() * 1000))
+        # Record timestamps count from 1970 and cannot be negative (the broker's lookup
+        # refuses one): an earlier moment is before every record, so it starts at the first.
+        return cls("timestamp", max(0, int(moment.timestamp() * 1000)))
 
 
 # --- 1. the survey ---------------------------------------------------------------------------

@@ -29,9 +29,8 @@ from aiokafka.errors import KafkaTimeoutError
 
 from consumer.commands.common import current_year, table
 from consumer.runtime import command_pool
-from consumer.settings import ENV_PREFIX, Settings, SettingsError
+from consumer.settings import ENV_PREFIX, Settings
 from consumer.store import status_sql
-from consumer.store.migrate import pending_migrations
 from consumer.stream.kafka import broker_trouble, make_consumer, verify_kafka_access
 from consumer.stream.topic_reader import TopicMissing, topic_records
 
@@ -230,13 +229,6 @@ async def read_database(settings: Settings, year: int) -> tuple[Any, list[Any], 
     async with command_pool(
         bounded, max_size=1, migrate=False, statement_timeouts=False
     ) as pool:
-        async with pool.acquire() as connection:
-            pending = await pending_migrations(connection)
-        if pending:
-            raise SettingsError(
-                f"{ENV_PREFIX}DATABASE_URL: the database lacks {len(pending)} of the engine's"
-                " schema migrations: run `milestones migrate` first"
-            )
         counts = await pool.fetchrow(status_sql.COUNTS, year)
         notifications = await pool.fetch(status_sql.NOTIFICATIONS, year)
         oldest = await pool.fetch(status_sql.OLDEST_PENDING, PENDING_SHOWN)

@@ -43,7 +43,7 @@ async def sweep_command(
         organization_id=organization_id,
     )
     started = time.monotonic()
-    async with command_pool(settings) as pool:
+    async with command_pool(settings, migrate=not dry_run) as pool:
         total = await count_mentor_years(pool, rules)
         label = f"sweep {rules.year}" + (" (dry run)" if dry_run else "")
         with Progress(label, total, unit="mentor-years") as progress:

@@ -17,18 +17,21 @@ from consumer.domain.milestones import normalize_thresholds
 MAX_THRESHOLDS = 20
 # A mentor holding more sessions than this in one year is not a person.
 MAX_THRESHOLD_VALUE = 100_000
-# How an operator writes "no milestones for this organization" (an empty array).
-NONE_WORDS = frozenset({"none", ""})
+# How an operator writes "no milestones for this organization" (an empty array). Only the
+# word: an empty argument is far more likely a script's unset variable than that wish.
+NONE_WORDS = frozenset({"none"})
 
 
 def parse_thresholds(text: str) -> tuple[int, ...]:
-    """``"25,10,10,50"`` -> ``(10, 25, 50)``; ``"none"`` or ``""`` -> ``()`` (no milestones).
+    """``"25,10,10,50"`` -> ``(10, 25, 50)``; ``"none"`` -> ``()`` (no milestones).
 
-    Raises ``ValueError`` with a one-line reason for anything else.
+    Raises ``ValueError`` with a one-line reason for anything else, an empty text included.
     """
     cleaned = text.strip()
     if cleaned.lower() in NONE_WORDS:
         return ()
+    if not cleaned:
+        raise ValueError("empty: give positive integers, e.g. 10,25,50, or none for no milestones")
     values = []
     for part in cleaned.split(","):
         item = part.strip()

@@ -70,7 +70,8 @@ async def connect_pool(
             if refusal is not None:
                 raise DatabaseRefused(refusal) from None
             if not await backoff.wait():
-                raise StoreUnavailable(f"database unreachable: {error}") from None
+                reason = str(error) or type(error).__name__  # a timeout has no text
+                raise StoreUnavailable(f"database unreachable: {reason}") from None
 
 
 def _refusal(error: BaseException) -> str | None:

@@ -7,12 +7,14 @@ security settings reach them all; a client built elsewhere would silently talk p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import ssl
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -229,16 +231,49 @@ async def start_client(client: Any, settings: Settings) -> None:
     credentials or an untrusted certificate stop at once (:class:`KafkaAccessRefused`), a
     broker still away after :data:`BROKER_START_TIMEOUT_S` is a :class:`SettingsError`."""
     backoff = Backoff(0.5, 0.5, jitter=False, give_up_after_s=BROKER_START_TIMEOUT_S)
-    while True:
-        try:
-            await started(client, settings)
-            return
-        except KafkaError as error:
-            if not await backoff.wait():
-                raise SettingsError(
-                    f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
-                    f"{BROKER_START_TIMEOUT_S:g} s ({type(error).__name__})"
-                ) from None
+    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+    with _quiet_refused_connections():
+        while True:
+            try:
+                # The attempt too is bounded: against a frozen broker (connections accepted,
+                # never answered) one start alone would wait aiokafka's request timeout, 40 s
+                # for a consumer, well past the bound the one-line refusal names.
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    await started(client, settings)
+                return
+            except (KafkaError, TimeoutError) as error:
+                if not await backoff.wait():
+                    why = "no answer" if isinstance(error, TimeoutError) else type(error).__name__
+                    raise SettingsError(
+                        f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS: broker unreachable after "
+                        f"{BROKER_START_TIMEOUT_S:g} s ({why})"
+                    ) from None
+
+
+class _DropRefusedConnections(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable connect to")
+
+
+_DROP_REFUSED = _DropRefusedConnections()
+_quieted = 0
+
+
+@contextlib.contextmanager
+def _quiet_refused_connections() -> Iterator[None]:
+    """While a client starts, aiokafka logs every refused attempt as an ERROR (30 of them in
+    15 s); the refusal is reported once, by the line that ends the command. Later in a run,
+    those lines are kept: they are how an operator sees the broker go away."""
+    global _quieted
+    aiokafka_log = logging.getLogger("aiokafka")
+    _quieted += 1
+    aiokafka_log.addFilter(_DROP_REFUSED)
+    try:
+        yield
+    finally:
+        _quieted -= 1
+        if not _quieted:
+            aiokafka_log.removeFilter(_DROP_REFUSED)
 
 
 def _disable_internal_retries(producer: Any) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from uuid import UUID, uuid5
 
@@ -84,3 +85,20 @@ async def settle_notifications(
     await kafka.wait_for(topic, lambda rs: expected <= set(notification_ids(rs)), timeout_s)
     await asyncio.sleep(1.5)
     return await kafka.read_all(topic)
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """A port that accepts connections and never answers: a frozen broker."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture
+def stopped_broker() -> str:
+    """A port nothing listens on: a stopped broker."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -92,23 +90,6 @@ async def test_status_reports_counts_lag_dead_letters_and_exits_1_past_a_limit(
     assert closed.split() == ["closed", "through", "year", "2024"]  # a year, not "2,024"
     assert next(line for line in text.splitlines()
                 if line.startswith("dead letters today")).split()[-1] == "2"
-
-
-@pytest.fixture
-def silent_broker() -> Iterator[str]:
-    """A port that accepts connections and never answers: a frozen broker."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-
-
-@pytest.fixture
-def stopped_broker() -> str:
-    """A port nothing listens on: a stopped broker."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 @pytest.mark.parametrize("broker_state", ["stopped_broker", "silent_broker"])
