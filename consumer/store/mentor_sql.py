@@ -65,8 +65,8 @@ async def mentor_facts(connection: asyncpg.Connection, mentor_id: UUID, year: in
         )
 
 
-_COUNTS = "SELECT user_id, year, session_count FROM annual_summary WHERE user_id = ANY($1::uuid[])"
-_MILESTONES = """
+_OVERVIEW_COUNTS = "SELECT user_id, year, session_count FROM annual_summary WHERE user_id = ANY($1::uuid[])"
+_OVERVIEW_MILESTONES = """
 SELECT user_id, year, milestone_value, status, suppressed_reason FROM scenario_notifications
 WHERE user_id = ANY($1::uuid[]) ORDER BY created_at, milestone_value
 """
@@ -76,4 +76,4 @@ async def mentors_overview(
     connection: asyncpg.Connection, ids: list[UUID]
 ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
     """A few mentors' counts per year and their milestones in record order (the demo's view)."""
-    return await connection.fetch(_COUNTS, ids), await connection.fetch(_MILESTONES, ids)
+    return await connection.fetch(_OVERVIEW_COUNTS, ids), await connection.fetch(_OVERVIEW_MILESTONES, ids)
