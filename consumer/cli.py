@@ -194,17 +194,29 @@ def _parser() -> argparse.ArgumentParser:
                       " (default: 4 on a terminal, 1 otherwise)")
     grant = commands.add_parser("grant", help="give ROLE the engine's privileges, no more "
                                 "(run as the role that ran migrate)")
-    grant.add_argument("role", metavar="ROLE")
+    grant.add_argument("role", metavar="ROLE",
+                       help="the database role `run` and the other commands use (it must exist)")
     grant.add_argument("--dry-run", action="store_true",
                        help="print the SQL without applying it (default: apply and print)")
+    _describe_commands(parser)
     return parser
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Each sub-command's ``--help`` opens with the line ``milestones --help`` lists for it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                sub = action.choices[choice.dest]
+                sub.description = sub.description or choice.help
+                _describe_commands(sub)
 
 
 def _operator_commands(commands: Any) -> None:
     """``mentor``, ``thresholds`` and ``dead-letters``: the support questions, without SQL."""
     mentor = commands.add_parser("mentor", help="one mentor's year: count, thresholds, "
                                  "opt-out, each milestone and why it was (not) sent")
-    mentor.add_argument("mentor_id", metavar="MENTOR_ID")
+    mentor.add_argument("mentor_id", metavar="MENTOR_ID", help="the mentor's UUID")
     mentor.add_argument("--year", type=calendar_year,
                         help="calendar year (default: this year in MILESTONES_TIMEZONE)")
     mentor.add_argument("--json", action="store_true", help="one JSON object instead of text (default: text)")
@@ -216,10 +228,11 @@ def _operator_commands(commands: Any) -> None:
                          help="also every change, in order (default: rows only)")
     setting = actions.add_parser("set", help="set ORG's thresholds, e.g. 10,25,50 "
                                  "(none: no milestones for ORG)")
-    setting.add_argument("organization", metavar="ORG")
-    setting.add_argument("values", metavar="T1,T2,...")
+    setting.add_argument("organization", metavar="ORG", help="the organization's UUID")
+    setting.add_argument("values", metavar="T1,T2,...",
+                         help="positive integers, any order (used sorted, without repeats), or none")
     unsetting = actions.add_parser("unset", help="remove ORG's row: the default applies again")
-    unsetting.add_argument("organization", metavar="ORG")
+    unsetting.add_argument("organization", metavar="ORG", help="the organization's UUID")
     dead = commands.add_parser("dead-letters", help="rejected messages: source position, "
                                "reason, a prefix of the value")
     dead.add_argument("--since", metavar="T", help="only those dead-lettered at or after T "
