@@ -15,11 +15,11 @@ DEMO_ARGS ?=
 
 help:
 	@echo "make demo      run the engine against an embedded broker and Postgres"
-	@echo "make test      ruff, mypy, then the whole pytest suite (PYTEST_ARGS=... to narrow)"
+	@echo "make test      ruff, mypy, then the whole pytest suite under coverage, with its floor (PYTEST_ARGS=... to narrow)"
 	@echo "make lint      ruff and mypy only"
 	@echo "make bench     the benchmarks of the live path, (a) to (g)"
 	@echo "make bench-ops sweep over 100,000 mentors and replay of 1,000,000 events"
-	@echo "make coverage  the test suite under coverage, with branches"
+	@echo "make coverage  the test suite under coverage: missing lines and htmlcov/, no floor"
 	@echo "make venv      create .venv and install the project (done by the targets above)"
 	@echo "make clean     remove .venv and caches"
 
@@ -36,10 +36,15 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/milestones demo $(DEMO_ARGS)
 
+# The suite runs under coverage (branches, this process only: the milestones processes that the
+# e2e and fault tests start are not measured). A whole run fails under the floor set in
+# pyproject.toml ([tool.coverage.report] fail_under); a run narrowed by PYTEST_ARGS reports
+# without the floor.
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage report $(if $(PYTEST_ARGS),--fail-under=0)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -53,7 +58,8 @@ bench-ops: venv
 
 coverage: venv
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
-	$(BIN)/coverage report --skip-covered
+	$(BIN)/coverage report --show-missing --fail-under=0
+	$(BIN)/coverage html --fail-under=0
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.* htmlcov build dist
