@@ -34,7 +34,9 @@ _SETTING = "setting:"
 EXIT_STATUSES = """\
 exit status:
   0  done (status: every limit respected)
-  1  status: a limit is crossed (lag, pending age, dead letters today, broker unreachable)
+  1  status: a limit is crossed (lag, pending age, dead letters today, broker unreachable);
+     reconcile: a row differs (without --fix); replay: stopped before it caught up;
+     dead-letters: not read to the end in time; thresholds: the database holds a newer change
   2  a bad flag or setting (one line on stderr), a missing optional dependency, a database
      that needs `migrate`
 """
@@ -99,6 +101,17 @@ def calendar_year(text: str) -> int:
     if not MIN_YEAR <= year <= MAX_YEAR:
         raise argparse.ArgumentTypeError(f"{year} is outside {MIN_YEAR} to {MAX_YEAR}")
     return year
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, above 0 (``--seconds -1`` ran the demo for no time at all)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not seconds > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return seconds
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -187,9 +200,9 @@ def _parser() -> argparse.ArgumentParser:
                    " only)", action=argparse.BooleanOptionalAction)
     _operator_commands(commands)
     demo = commands.add_parser("demo", help="the engine on an embedded broker and Postgres")
-    demo.add_argument("--seconds", type=float, default=None,
+    demo.add_argument("--seconds", type=positive_seconds, default=None,
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
-    demo.add_argument("--step-seconds", type=float, default=None, metavar="SECONDS",
+    demo.add_argument("--step-seconds", type=positive_seconds, default=None, metavar="SECONDS",
                       help="how long each step of the story stays on screen before the next"
                       " (default: 4 on a terminal, 1 otherwise)")
     grant = commands.add_parser("grant", help="give ROLE the engine's privileges, no more "

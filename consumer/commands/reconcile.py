@@ -39,7 +39,8 @@ EXIT_DIFFERENCES = 1
 
 
 async def reconcile_command(settings: Settings, *, year: int | None, fix: bool, rebuild: bool) -> int:
-    async with command_pool(settings, statement_timeouts=False) as pool:
+    # Only comparing changes nothing, so it does not migrate either (a schema behind: exit 2).
+    async with command_pool(settings, migrate=fix or rebuild, statement_timeouts=False) as pool:
         closed = await read_closed_through_year(pool)
         if year is not None and closed is not None and year <= closed:
             print(f"{year} is a closed year (pruned through {closed}): its ledger rows are gone,"

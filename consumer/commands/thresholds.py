@@ -58,7 +58,10 @@ async def thresholds_command(
 
 
 async def _list(settings: Settings, *, show_history: bool) -> int:
-    async with command_pool(settings, max_size=1) as pool, pool.acquire() as connection:
+    async with (
+        command_pool(settings, max_size=1, migrate=False) as pool,  # a listing changes nothing
+        pool.acquire() as connection,
+    ):
         rows = await thresholds_sql.list_thresholds(connection)
         changes = await thresholds_sql.history(connection) if show_history else []
     print(f"default (MILESTONES_THRESHOLDS): {describe(settings.thresholds)}")

@@ -41,6 +41,8 @@ async def test_reading_commands_and_dry_runs_on_a_database_never_migrated_say_to
         (("mentor", MENTOR, "--json"), env),
         (("sweep", "--dry-run"), env),
         (("prune", "--before-year", "2020", "--dry-run"), env),
+        (("thresholds", "list"), env),
+        (("reconcile",), env),
     )
     for result in results:
         assert_one_line(result, "MILESTONES_DATABASE_URL", "`milestones migrate`")
@@ -88,6 +90,12 @@ def test_unusable_bootstrap_servers_are_one_line(servers: str) -> None:
     line = assert_one_line(milestones("dead-letters", "--bootstrap-servers", servers),
                            "MILESTONES_KAFKA_BOOTSTRAP_SERVERS", "host:9092")
     assert servers.split(",")[-1] in line
+
+
+@pytest.mark.parametrize("args", [("--seconds", "-1"), ("--seconds", "0"),
+                                  ("--step-seconds", "nan")])
+def test_the_demo_refuses_a_duration_that_is_not_above_0(args: tuple[str, str]) -> None:
+    assert_one_line(milestones("demo", *args), args[0], "above 0")
 
 
 def test_an_empty_thresholds_argument_is_refused_not_taken_for_none() -> None:
