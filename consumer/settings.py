@@ -10,7 +10,15 @@ import ssl
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from consumer.domain.milestones import normalize_thresholds
@@ -140,6 +148,14 @@ class Settings(BaseSettings):
                 # more likely a broken deployment than a wish, so it is refused.
                 raise ValueError("empty: give at least one threshold, e.g. 50,100,200")
             return normalize_thresholds(numbers)
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # `--log-level debug` was taken and MILESTONES_LOG_LEVEL=debug refused: both are now.
+        if isinstance(value, str):
+            return value.upper() if info.field_name == "log_level" else value.lower()
         return value
 
     @field_validator("counted_activity_types", mode="before")

@@ -6,6 +6,7 @@ that goes away) end with one line and the documented exit status, never a traceb
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -141,3 +142,11 @@ async def test_a_replay_from_before_1970_starts_at_the_first_record(
     assert "Traceback" not in result.stderr
     counts = await eventually(db.counts, lambda counts: sum(counts.values()) == 3, 5)
     assert {user for user, _year in counts} == {mentor}
+
+
+def test_log_level_and_format_are_taken_in_any_case(database_url: str) -> None:
+    env = {"MILESTONES_DATABASE_URL": database_url, "MILESTONES_LOG_LEVEL": "debug",
+           "MILESTONES_LOG_FORMAT": "JSON"}
+    result = milestones("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stderr.splitlines()[0])["level"] in ("DEBUG", "INFO")
