@@ -258,7 +258,17 @@ def _operator_commands(commands: Any) -> None:
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     # The demo lives with the servers it starts (devstack/), which build on the service; the
     # service itself never imports them. Only this dispatcher names it, when it is asked for.
-    from devstack.demo import demo_command
+    try:
+        from devstack.demo import demo_command
+    except ModuleNotFoundError as error:
+        if error.name != "devstack" and not (error.name or "").startswith("devstack."):
+            raise
+        from consumer.settings import SettingsError
+
+        raise SettingsError(
+            "demo is not part of this install (the service image leaves out devstack/):"
+            " run it from a checkout with `make demo`, or pip install 'milestone-engine[embedded]'"
+        ) from None
 
     return await demo_command(settings, seconds=args.seconds, step_seconds=args.step_seconds)
 

