@@ -76,11 +76,14 @@ async def test_poison_records_are_dead_lettered_and_the_service_keeps_counting(
     poisons = {
         "year one": logged(mentor, occurred_at=YEAR_ONE),
         "planning raises": logged(mentor, occurred_at=PLANNING_POISON_AT),
+        # The evaluator runs only where a record may be due: the third session reaches the
+        # threshold 3, so it is the one whose evaluation raises; the first two are counted.
         "evaluation raises": logged(evaluator_poison),
     }
+    first_two = [logged(evaluator_poison) for _ in range(2)]
     after = [logged(mentor) for _ in range(2)]
     # One partition key for all: the poison records sit between good ones in one partition.
-    for message in [*before, *poisons.values(), *after]:
+    for message in [*before, *first_two, *poisons.values(), *after]:
         await kafka.produce_json(topics.activity, message, key=mentor.encode())
 
     letters = await kafka.wait_for(topics.dlq, lambda records: len(records) >= 3)
