@@ -66,6 +66,20 @@ class PreferenceRow:
     changed_at: datetime
 
 
+# What a log says of its session: the fields "the first log wins" compares.
+SessionFields = tuple[UUID, UUID, datetime, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatedLog:
+    """A log of an id already logged earlier in the batch: judged against that first log
+    here, and again against the ledger's log when the first turns out to conflict with it."""
+
+    activity_id: UUID
+    fields: SessionFields
+    same_as_first: bool
+
+
 @dataclass(slots=True)
 class BatchPlan:
     preferences: list[PreferenceRow] = field(default_factory=list)
@@ -79,6 +93,7 @@ class BatchPlan:
     logs_in_order: list[LogRow] = field(default_factory=list)  # ``logs`` by position
     # Envelopes whose planning raised, with the exception: isolated, not in any row above.
     unprocessable: list[tuple[Envelope, Exception]] = field(default_factory=list)
+    repeated_logs: list[RepeatedLog] = field(default_factory=list)  # counted in duplicates/conflicts
 
     @property
     def empty(self) -> bool:
@@ -142,10 +157,17 @@ def plan_batch(
                 key = event.activity_id.int
                 first = logs.get(key)
                 if first is not None:
-                    if _same_session(first, event, year):
+                    same = _same_session(first, event, year)
+                    if same:
                         plan.duplicates += 1
                     else:
                         plan.conflicts += 1
+                    plan.repeated_logs.append(RepeatedLog(
+                        event.activity_id,
+                        (event.mentor_id, event.organization_id, event.occurred_at,
+                         event.activity_type),
+                        same,
+                    ))
                     continue
                 earlier_delete = deletes.get(key)
                 logs[key] = LogRow(
@@ -187,6 +209,26 @@ def plan_batch(
     plan.logs = [logs[key] for key in sorted(logs)]
     plan.deletes = [deletes[key] for key in sorted(deletes)]
     return plan
+
+
+def rejudge_repeats(
+    repeats: Sequence[RepeatedLog], ledger_logs: Mapping[UUID, SessionFields]
+) -> tuple[int, int]:
+    """(duplicates, conflicts) to add once the ledger's own log is known for ids whose first
+    log in the batch conflicted with it: a repeat is a duplicate of the log that won, the
+    ledger's, not of the batch's first. Only such ids are in ``ledger_logs`` (rare: a batch
+    that logs an id twice, whose earlier batch logged it with other fields)."""
+    duplicates = conflicts = 0
+    for repeat in repeats:
+        winner = ledger_logs.get(repeat.activity_id)
+        if winner is None:
+            continue
+        same_as_winner = repeat.fields == winner
+        if same_as_winner and not repeat.same_as_first:
+            duplicates, conflicts = duplicates + 1, conflicts - 1
+        elif repeat.same_as_first and not same_as_winner:
+            duplicates, conflicts = duplicates - 1, conflicts + 1
+    return duplicates, conflicts
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,13 @@ SELECT m.activity_id, m.counted AS planned,
 FROM missed m
 """
 
+# The ledger's log of ids whose first log in the batch conflicted with it, when the batch
+# logged them again (rare): the repeats are judged against the log that won.
+LEDGER_LOGS = """
+SELECT activity_id, mentor_id, organization_id, occurred_at, activity_type
+FROM activity_ledger WHERE activity_id = ANY($1::uuid[]) AND mentor_id IS NOT NULL
+"""
+
 # The first delete of an id wins. SET sees the old row, so delete_uncounted keeps whether this
 # delete took a counted session out; only those rows come back to be decremented (removed
 # true), with the repeats of a delete of an earlier batch (removed false): the inputs not

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from operator import attrgetter
@@ -12,7 +13,14 @@ from uuid import UUID
 
 import asyncpg
 
-from consumer.domain.batch import BatchPlan, Removed, YearChange, tally, thresholds_for
+from consumer.domain.batch import (
+    BatchPlan,
+    Removed,
+    YearChange,
+    rejudge_repeats,
+    tally,
+    thresholds_for,
+)
 from consumer.domain.calendar import is_late
 from consumer.domain.milestones import MilestoneRecord, decide, stored_thresholds
 from consumer.retry import Backoff
@@ -152,6 +160,24 @@ async def apply_batch(
         raise mapped from error
 
 
+async def _rejudge_repeats(
+    connection: asyncpg.Connection, plan: BatchPlan, conflicted: list[UUID],
+    outcomes: Counter[str],
+) -> None:
+    repeated = {repeat.activity_id for repeat in plan.repeated_logs}
+    ids = [activity_id for activity_id in conflicted if activity_id in repeated]
+    if not ids:
+        return
+    rows = await connection.fetch(batch_sql.LEDGER_LOGS, ids)
+    duplicates, conflicts = rejudge_repeats(plan.repeated_logs, {
+        row["activity_id"]: (row["mentor_id"], row["organization_id"], row["occurred_at"],
+                             row["activity_type"])
+        for row in rows
+    })
+    outcomes["duplicate"] += duplicates
+    outcomes["conflict"] += conflicts
+
+
 async def _apply(
     connection: asyncpg.Connection, plan: BatchPlan, options: BatchOptions
 ) -> BatchResult:
@@ -176,14 +202,19 @@ async def _apply(
         )
         planned = sum(1 for row in plan.logs if row.counted)
         outcomes["not_counted"] = len(plan.logs) - planned
+        conflicted: list[UUID] = []
         for row in rows:
             outcome = row["outcome"]
             outcomes[outcome] += 1
+            if outcome == "conflict":
+                conflicted.append(row["activity_id"])
             if row["planned"]:
                 missed.append(row["activity_id"])
             else:
                 outcomes["not_counted"] -= 1
         result.new_sessions = planned - len(missed)
+        if conflicted and plan.repeated_logs:
+            await _rejudge_repeats(connection, plan, conflicted, outcomes)
     removed: list[Removed] = []
     if plan.deletes:
         rows = await connection.fetch(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from uuid import UUID
 
-from consumer.domain.batch import BatchPlan, LogRow, PreferenceRow, Removed, tally
+from consumer.domain.batch import BatchPlan, LogRow, PreferenceRow, Removed, rejudge_repeats, tally
 from consumer.domain.calendar import is_late
 from consumer.domain.milestones import MilestoneRecord, decide, stored_thresholds
 from consumer.store.port import BatchOptions, BatchResult
@@ -102,6 +102,7 @@ class _Batch:
     options: BatchOptions
     result: BatchResult = field(default_factory=BatchResult)
     written_now: set[UUID] = field(default_factory=set)  # ledger rows this batch created
+    conflicted: list[UUID] = field(default_factory=list)  # logs another earlier log beat
 
     def apply(self, plan: BatchPlan) -> BatchResult:
         outcomes = self.result.outcomes
@@ -112,6 +113,17 @@ class _Batch:
         for change_of_mind in plan.preferences:
             self.prefer(change_of_mind)
         missed = [log.activity_id for log in plan.logs if not self.log(log) and log.counted]
+        if plan.repeated_logs:
+            duplicates, conflicts = rejudge_repeats(plan.repeated_logs, {
+                activity_id: (row.mentor_id, row.organization_id, row.occurred_at,
+                              row.activity_type)
+                for activity_id in self.conflicted
+                if (row := self.tables.ledger[activity_id]).mentor_id is not None
+                and row.organization_id is not None and row.occurred_at is not None
+                and row.activity_type is not None
+            })
+            outcomes["duplicate"] += duplicates
+            outcomes["conflict"] += conflicts
         removed = [gone for delete in plan.deletes if (gone := self.delete(delete.activity_id))]
         self.result.new_sessions = outcomes["counted"]
         self.result.removed_sessions = outcomes["removed"]
@@ -179,6 +191,7 @@ class _Batch:
             outcomes["duplicate"] += 1
         else:
             outcomes["conflict"] += 1  # other fields: the first log stands
+            self.conflicted.append(log.activity_id)
         return False
 
     def delete(self, activity_id: UUID) -> Removed | None:

@@ -14,8 +14,10 @@ from consumer.domain.batch import (
     Event,
     PreferenceRow,
     Removed,
+    RepeatedLog,
     plan_batch,
     preference_wins,
+    rejudge_repeats,
     tally,
     thresholds_for,
 )
@@ -476,3 +478,18 @@ def test_split_lanes_keeps_each_partition_whole_and_in_order() -> None:
     assert not partitions_per_lane[0] & partitions_per_lane[1]
     assert split_lanes(batch, 1) == [batch]
     assert split_lanes([], 2) == []
+
+
+def test_repeats_of_an_id_are_judged_again_against_the_log_that_won_on_the_ledger() -> None:
+    when = datetime(2026, 3, 14, 9, tzinfo=UTC)
+    won = (uuid.UUID(int=1), uuid.UUID(int=2), when, "session")
+    other = (uuid.UUID(int=1), uuid.UUID(int=2), when, "call")
+    repeats = [
+        RepeatedLog(uuid.UUID(int=10), won, same_as_first=False),  # counted a conflict: a duplicate
+        RepeatedLog(uuid.UUID(int=10), other, same_as_first=True),  # counted a duplicate: a conflict
+        RepeatedLog(uuid.UUID(int=11), won, same_as_first=True),  # its first did not conflict
+    ]
+    assert rejudge_repeats(repeats, {uuid.UUID(int=10): won}) == (0, 0)
+    assert rejudge_repeats(repeats[:1], {uuid.UUID(int=10): won}) == (1, -1)
+    assert rejudge_repeats(repeats[1:2], {uuid.UUID(int=10): won}) == (-1, 1)
+    assert rejudge_repeats(repeats, {}) == (0, 0)
