@@ -278,6 +278,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
         dead_letters,
         maintenance,
         mentor,
+        reconcile,
         replay,
         status,
         sweep,
@@ -298,7 +299,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> Coroutine[Any, Any
         "sweep": lambda: sweep.sweep_command(
             settings, year=args.year, organization=args.organization, dry_run=args.dry_run
         ),
-        "reconcile": lambda: maintenance.reconcile_command(
+        "reconcile": lambda: reconcile.reconcile_command(
             settings, year=args.year, fix=args.fix, rebuild=args.rebuild
         ),
         "prune": lambda: maintenance.prune_command(

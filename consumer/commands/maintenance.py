@@ -1,4 +1,4 @@
-"""``milestones migrate``, ``reconcile`` and ``prune``: the operator's schema and data tools."""
+"""``milestones migrate``, ``grant`` and ``prune``: the operator's schema and data tools."""
 
 from __future__ import annotations
 
@@ -66,13 +66,6 @@ async def grant_command(settings: Settings, *, role: str, dry_run: bool) -> int:
         print(statement + ";")
     print(f"-- {'not applied (--dry-run)' if dry_run else 'applied'}: {len(statements)} statements")
     return 0
-
-
-async def reconcile_command(settings: Settings, *, year: int | None, fix: bool,
-                            rebuild: bool) -> int:
-    from consumer.commands.reconcile import reconcile_command as run_reconcile
-
-    return await run_reconcile(settings, year=year, fix=fix, rebuild=rebuild)
 
 
 async def prune_command(
