@@ -75,15 +75,8 @@ def wait_for_port(
     server expected to listen there) has exited.
     """
     deadline = time.monotonic() + timeout_s
-    while True:
-        if port_open(host, port):
-            return
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(
-                f"process {process.pid} exited with {process.returncode} before listening on {host}:{port}"
-            )
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
+    while not port_open(host, port):
+        _give_up_waiting(host, port, process, deadline, timeout_s)
         time.sleep(0.02)
 
 
@@ -106,13 +99,20 @@ async def async_wait_for_port(
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(
-                f"process {process.pid} exited with {process.returncode} before listening on {host}:{port}"
-            )
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
+        _give_up_waiting(host, port, process, deadline, timeout_s)
         await asyncio.sleep(0.02)
+
+
+def _give_up_waiting(
+    host: str, port: int, process: subprocess.Popen[bytes] | None, deadline: float, timeout_s: float
+) -> None:
+    """Raise when waiting for ``host:port`` is pointless: its server exited, or time is up."""
+    if process is not None and process.poll() is not None:
+        raise RuntimeError(
+            f"process {process.pid} exited with {process.returncode} before listening on {host}:{port}"
+        )
+    if time.monotonic() >= deadline:
+        raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:g} s")
 
 
 # --------------------------------------------------------------------------- processes
