@@ -26,10 +26,9 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from benchmarks.infra import Broker, Databases, create_topics
+from benchmarks.run import DEFAULT_POSTGRES
 from benchmarks.scenarios import produce_all
 from benchmarks.workload import make_mentors, make_workload
-
-DEFAULT_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _milestones(args: list[str], env: dict[str, str], timeout_s: float) -> tuple[float, str]:
@@ -131,7 +130,7 @@ def main() -> None:
     parser.add_argument("--mentors", type=int, default=100_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="2,000 mentors, 20,000 events")
-    parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_ADMIN))
+    parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES))
     args = parser.parse_args()
     mentors, events = (2_000, 20_000) if args.quick else (args.mentors, args.events)
     asyncio.run(run(mentors, events, args.postgres))

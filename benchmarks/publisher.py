@@ -18,7 +18,7 @@ import asyncpg
 import uvloop
 
 from benchmarks.infra import Broker, Databases, create_topics
-from benchmarks.operations import DEFAULT_ADMIN
+from benchmarks.run import DEFAULT_POSTGRES
 from consumer.faults import FaultInjector
 from consumer.ops.metrics import Metrics
 from consumer.settings import load_settings
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--analyze", action="store_true",
                         help="ANALYZE the records before publishing (statistics up to date)")
-    parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_ADMIN))
+    parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES))
     args = parser.parse_args()
     uvloop.run(run(args.rows, args.rounds, args.analyze, args.postgres))
 
