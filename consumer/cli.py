@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -351,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `milestones ... | head`: the reader has what it wanted, which is not an error (a
         # command that must report a state, like `status`, handles this itself). Standard
         # output now goes nowhere, so the interpreter's last flush cannot raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        from consumer.commands.common import silence_stdout
+
+        silence_stdout()
         return EXIT_OK
     except Exception as error:
         refusal = _privilege_refusal(error)

@@ -1,15 +1,16 @@
-"""Pieces the operator commands share: an id from the command line, the current year, tables."""
+"""Pieces the operator commands share: an id from the command line, the current year, tables,
+writing to a reader that may go away."""
 
 from __future__ import annotations
 
-import logging
+import os
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
 from consumer.settings import Settings, SettingsError
 
-log = logging.getLogger(__name__)
 
 def parse_uuid(text: str, what: str) -> UUID:
     """A command-line id, or a :class:`SettingsError` (one line, exit 2) naming the argument."""
@@ -22,6 +23,26 @@ def parse_uuid(text: str, what: str) -> UUID:
 def current_year(settings: Settings) -> int:
     """The year of now in the configured time zone (the sweep's and status's default)."""
     return datetime.now(UTC).astimezone(settings.tz).year
+
+
+def write_out(text: str) -> bool:
+    """Write ``text`` to stdout and flush; False once the reader went away (``| head``: it has
+    what it wanted, which is not an error), and stdout then goes nowhere (:func:`silence_stdout`)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        silence_stdout()
+        return False
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of a closed pipe does not
+    raise (and print) a BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:

@@ -9,7 +9,6 @@ and the ``error`` header, and the start of the value with control characters esc
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from zoneinfo import ZoneInfo
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaTimeoutError
 
+from consumer.commands.common import write_out
 from consumer.settings import Settings, SettingsError
 from consumer.stream.topic_reader import TopicMissing, topic_records
 
@@ -129,7 +129,7 @@ async def dead_letters_command(
                 if not matches(letter, record.timestamp or 0, since_ms, reason):
                     continue
                 shown += 1
-                if not _write(json.dumps(asdict(letter)) if as_json else line_of(letter)):
+                if not write_out((json.dumps(asdict(letter)) if as_json else line_of(letter)) + "\n"):
                     return 0  # the reader went away (`| head`): it has what it wanted
     except TopicMissing:
         print(f"no dead-letter topic {settings.dlq_topic}: nothing was ever rejected",
@@ -149,15 +149,3 @@ def _describe_filters(since: str | None, reason: str | None) -> str:
         if part
     ]
     return f" ({', '.join(parts)})" if parts else ""
-
-
-def _write(line: str) -> bool:
-    """Print one line; False once stdout is a closed pipe (then stdout is pointed at
-    /dev/null, so the interpreter's final flush does not print a BrokenPipeError either)."""
-    try:
-        print(line, flush=True)
-        return True
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return False

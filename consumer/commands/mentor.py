@@ -8,11 +8,10 @@ and for a suppressed one the reason; then the sentences that explain what the me
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 from uuid import UUID
 
-from consumer.commands.common import current_year, parse_uuid
+from consumer.commands.common import current_year, parse_uuid, write_out
 from consumer.domain.calendar import is_late, notify_deadline
 from consumer.domain.support import SUPPRESSED_REASON_TEXT, Recorded, explain, when
 from consumer.runtime import command_pool
@@ -31,14 +30,7 @@ async def mentor_command(
     ):
         facts = await mentor_facts(connection, mentor_id, year)
     report = build_report(settings, mentor_id, year, facts)
-    try:
-        if as_json:
-            print(json.dumps(report, indent=2, default=str))
-        else:
-            print(render(report))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass  # `| head`: the reader has what it wanted
+    write_out((json.dumps(report, indent=2, default=str) if as_json else render(report)) + "\n")
     return 0
 
 

@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +25,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
-from consumer.commands.common import current_year, table
+from consumer.commands.common import current_year, table, write_out
 from consumer.runtime import command_pool
 from consumer.settings import ENV_PREFIX, Settings
 from consumer.store import status_sql
@@ -269,21 +267,8 @@ async def status_command(
     crossed = crossed_limits(report, limits)
     text = render_json(report, settings, limits, crossed) if as_json else render_text(
         report, settings, crossed)
-    write_out(text)
+    write_out(text)  # a reader that went away (`| head`): the exit status still tells the state
     return EXIT_LIMIT if crossed else EXIT_OK
-
-
-def write_out(text: str) -> None:
-    """Write ``text`` to stdout; a reader that went away (``| head``) is not an error: the rest
-    is dropped and the exit status still tells the state."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Python flushes stdout again at exit; pointing it at /dev/null makes that quiet too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 def render_json(
