@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _any_case(cls, value: object, info: ValidationInfo) -> object:
-        # `--log-level debug` was taken and MILESTONES_LOG_LEVEL=debug refused: both are now.
+        # The flag and the variable take any case: `debug` is as clear as `DEBUG`.
         if isinstance(value, str):
             return value.upper() if info.field_name == "log_level" else value.lower()
         return value
