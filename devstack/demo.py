@@ -40,7 +40,7 @@ from pydantic import SecretStr
 from consumer.ops.metrics import Metrics
 from consumer.settings import ENV_PREFIX, Settings, SettingsError
 from consumer.store.mentor_sql import mentors_overview
-from consumer.stream.kafka import kafka_client_options
+from consumer.stream.kafka import kafka_client_options, make_consumer, make_producer
 from devstack.demo_story import MilestoneOutcome, Outcome, Story, build_story, check_outcome
 from devstack.demo_view import (
     DemoState,
@@ -228,10 +228,8 @@ async def _tell_story(
 ) -> None:
     """Each step: its caption, its messages, then ``step_seconds`` to watch what they did;
     at the end, wait until the engine has caught up and compare with the prediction."""
-    from aiokafka import AIOKafkaProducer
-
     topics = {"activity": settings.activity_topic, "preferences": settings.preferences_topic}
-    producer = AIOKafkaProducer(acks="all", **kafka_client_options(settings))
+    producer = make_producer(settings)
     try:  # stopped even when cancelled while starting
         await producer.start()
         for index, step in enumerate(story.steps):
@@ -326,16 +324,12 @@ def _read_metrics(metrics: Metrics, state: DemoState, totals: deque[tuple[float,
 async def _watch_topics(settings: Settings, story: Story, state: DemoState) -> None:
     """The notification topic as the notifier sees it, and the dead-letter topic, for the
     story's mentors only (a reused broker may hold other runs' records)."""
-    from aiokafka import AIOKafkaConsumer
-
     from consumer.commands.dead_letters import dead_letter_of
 
     names = story.names
     keys = {str(mentor).encode() for mentor in names}
-    consumer = AIOKafkaConsumer(
-        settings.notification_topic, settings.dlq_topic, auto_offset_reset="earliest",
-        group_id=None, enable_auto_commit=False, **kafka_client_options(settings),
-    )
+    consumer = make_consumer(settings, group_id=None)
+    consumer.subscribe([settings.notification_topic, settings.dlq_topic])
     try:
         await consumer.start()
         while True:
