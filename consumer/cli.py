@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from consumer.settings import Settings
 
 EXIT_OK = 0
-EXIT_LIMIT = 1  # ``status``: a limit the operator set is crossed
 EXIT_USAGE = 2  # a bad flag or setting, a missing dependency, a schema that needs ``migrate``
 
 # Flags that override a setting keep their value under this prefix, so a sub-command's own
@@ -37,7 +36,7 @@ exit status:
      reconcile: a row differs (without --fix); replay: stopped before it caught up;
      dead-letters: not read to the end in time; thresholds: the database holds a newer change
   2  a bad flag or setting (one line on stderr), a missing optional dependency, a database
-     that needs `migrate`
+     or broker unreachable at start, refused credentials, a database that needs `migrate`
 """
 
 
@@ -83,7 +82,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
                    "port of /metrics, /healthz, /readyz; 0 turns it off", metavar="PORT",
                    type=int)
     setting_option(group, "--log-level", "log_level",
-                   "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL", type=str.upper)
+                   "DEBUG, INFO, WARNING or ERROR (any case)", metavar="LEVEL")
     setting_option(group, "--log-format", "log_format",
                    "text or json", metavar="FORMAT")
 
