@@ -42,7 +42,7 @@ _COUNTERS: Final[Mapping[str, tuple[str, Sequence[str]]]] = {
     "milestones_readback_hits_total": (
         "Pending rows found already on the topic by the read-back.", ()),
     "milestones_offset_commit_failures_total": (
-        "Offset commits skipped (rebalance in progress).", ()),
+        "Offset commits skipped (rebalance, revocation, broker away).", ()),
     "milestones_abandoned_batches_total": (
         "Batches abandoned uncommitted (revocation, shutdown).", ()),
     "milestones_threshold_rows_invalid_total": (
