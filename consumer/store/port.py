@@ -60,9 +60,6 @@ EVENT_OUTCOMES = (
 
 @dataclass(slots=True)
 class BatchResult:
-    new_sessions: int = 0
-    removed_sessions: int = 0
-    conflicts: int = 0
     records: list[MilestoneRecord] = field(default_factory=list)
     pending: int = 0
     # every accepted message of the batch by outcome (milestones_events_total), one of
@@ -70,5 +67,17 @@ class BatchResult:
     outcomes: Counter[str] = field(default_factory=Counter)
     # organizations whose milestone_thresholds row could not be used: their milestones wait
     invalid_thresholds: set[UUID] = field(default_factory=set)
+
+    @property
+    def new_sessions(self) -> int:
+        return self.outcomes["counted"]
+
+    @property
+    def removed_sessions(self) -> int:
+        return self.outcomes["removed"]
+
+    @property
+    def conflicts(self) -> int:
+        return self.outcomes["conflict"]
 
 

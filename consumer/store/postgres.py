@@ -195,6 +195,7 @@ async def _apply(
             [row.changed_at for row in plan.preferences],
         )
     missed: list[UUID] = []
+    planned = 0
     if plan.logs:
         # One C-level pass per row, then a transpose: eight comprehensions cost twice as much.
         rows = await connection.fetch(
@@ -212,7 +213,6 @@ async def _apply(
                 missed.append(row["activity_id"])
             else:
                 outcomes["not_counted"] -= 1
-        result.new_sessions = planned - len(missed)
         if conflicted and plan.repeated_logs:
             await _rejudge_repeats(connection, plan, conflicted, outcomes)
     removed: list[Removed] = []
@@ -230,10 +230,8 @@ async def _apply(
         repeated = len(rows) - len(removed)
         outcomes["duplicate"] += repeated
         outcomes["nothing_removed"] = len(plan.deletes) - len(removed) - repeated
-    result.removed_sessions = len(removed)
-    outcomes["counted"] = result.new_sessions
-    outcomes["removed"] = result.removed_sessions
-    result.conflicts = outcomes["conflict"]
+    outcomes["counted"] = planned - len(missed)
+    outcomes["removed"] = len(removed)
     changes = tally(plan, missed, removed)
     if not changes:
         return result

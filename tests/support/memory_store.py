@@ -125,9 +125,6 @@ class _Batch:
             outcomes["duplicate"] += duplicates
             outcomes["conflict"] += conflicts
         removed = [gone for delete in plan.deletes if (gone := self.delete(delete.activity_id))]
-        self.result.new_sessions = outcomes["counted"]
-        self.result.removed_sessions = outcomes["removed"]
-        self.result.conflicts = outcomes["conflict"]
         for (mentor_id, year), change in tally(plan, missed, removed).items():
             summary = self.tables.summaries.setdefault((mentor_id, year), Summary(0, None))
             summary.count += change.delta
