@@ -33,7 +33,7 @@ from uuid import UUID
 
 import asyncpg
 
-from consumer.store.keyset import NIL
+from consumer.store.keyset import walk_chunks
 
 log = logging.getLogger(__name__)
 
@@ -287,19 +287,16 @@ async def rebuild_ledger(
     ``on_chunk`` hears the ledger rows of each chunk read."""
     result = RebuildResult()
     types = sorted(counted_types) if counted_types is not None else None
-    after, op = NIL, ">="
-    while True:
+
+    async def chunk(op: str, after: UUID) -> asyncpg.Record | None:
         async with pool.acquire() as connection, connection.transaction():
-            row = await connection.fetchrow(
+            return await connection.fetchrow(
                 REBUILD_CHUNK.format(op=op), after, chunk_rows, timezone, types,
                 closed_through_year,
             )
-        assert row is not None
+
+    async for row in walk_chunks(chunk, chunk_rows, on_chunk):
         result.scanned += row["scanned"]
         result.changed += row["changed"]
         result.summaries += row["summaries"]
-        if on_chunk is not None:
-            on_chunk(row["scanned"])
-        if row["scanned"] < chunk_rows:
-            return result
-        after, op = row["last_id"], ">"
+    return result

@@ -22,11 +22,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
 from consumer.retry import Backoff
-from consumer.store.keyset import NIL
+from consumer.store.keyset import walk_chunks
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +134,16 @@ async def delete_closed_sessions(
     """Delete the ledger rows of years ``<= watermark``, one short transaction per chunk;
     ``on_chunk`` hears the rows scanned by each chunk (the command's progress)."""
     result = PruneResult()
-    after, op = NIL, ">="
-    while True:
-        row = await connection.fetchrow(_DELETE_CLOSED.format(op=op), after, watermark, chunk_rows)
-        assert row is not None
+
+    async def chunk(op: str, after: UUID) -> asyncpg.Record | None:
+        return await connection.fetchrow(
+            _DELETE_CLOSED.format(op=op), after, watermark, chunk_rows
+        )
+
+    async for row in walk_chunks(chunk, chunk_rows, on_chunk):
         result.scanned += row["scanned"]
         result.deleted += row["deleted"]
-        if on_chunk is not None:
-            on_chunk(row["scanned"])
-        if row["scanned"] < chunk_rows:
-            return result
-        after, op = row["last_id"], ">"
+    return result
 
 
 async def delete_old_tombstones(
