@@ -1,15 +1,18 @@
 """The consume loop and its commit order.
 
 One batch, numbered as in :meth:`Engine._handle`:
-  1. decode every record; send the rejected ones to the dead-letter topic and await their
+  1. decode every record (one whose decoding raises is rejected as ``unprocessable``); send
+     the rejected ones to the dead-letter topic and await their
      acknowledgements.            fails: broker away -> retry with backoff (polling, partitions
                                   paused for the wait only), nothing committed
   2. the batch's Postgres transactions: its preference changes, then one transaction per
      write lane (each partition whole in one lane; ``MILESTONES_BATCH_LANES=1`` makes the
      batch a single transaction of preferences then sessions). Step 3 waits for all of them.
                                   fails: transient -> pause fetching, back off, keep polling;
-                                  deadlock -> retry; refused content -> halve until the
-                                  offender is alone, dead-letter it, commit the rest
+                                  deadlock -> retry; refused content, or writing raised
+                                  -> halve until the offender is alone, dead-letter it,
+                                  commit the rest; a message whose planning raised is
+                                  dead-lettered alone after the commit
   3. commit the batch's offsets to the consumer group, for partitions still owned.
                                   fails: rebalance, or no answer in 10 s -> skip; the next
                                   commit or owner redoes the batch and the ledger makes that a

@@ -60,6 +60,7 @@ from schemas.events import MilestoneReached
 
 log = logging.getLogger(__name__)
 
+
 def message_for(row: asyncpg.Record) -> MilestoneReached:
     return MilestoneReached(
         notification_id=row["id"],

@@ -122,7 +122,7 @@ class BatchWriter:
                     log.error("isolated a message whose batch raised: %s", error,
                               exc_info=error.__cause__, extra=where)
                     reason, kind = str(error), "unprocessable"
-                outcome.refused.append((envelopes[0], reason, kind))
+                outcome.refused.append((envelope, reason, kind))
                 return
             # Halve until the offender is alone; order is kept, and each half is a batch.
             middle = len(envelopes) // 2
