@@ -21,6 +21,7 @@ from consumer.faults import FaultInjector
 from consumer.ops.health import HealthServer
 from consumer.ops.metrics import Metrics
 from consumer.ops.probes import BrokerContact, PendingGauge
+from consumer.retry import sleep_unless
 from consumer.runtime import (
     ShutdownClock,
     batch_writer,
@@ -85,8 +86,7 @@ class DatabaseProbe:
                 self.reachable = True
             except Exception:  # any failure means "not reachable now"
                 self.reachable = False
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
+            await sleep_unless(stop, self._interval_s)
 
 
 async def run_service(
