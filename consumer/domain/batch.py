@@ -158,16 +158,16 @@ def plan_batch(
                 first = logs.get(key)
                 if first is not None:
                     same = _same_session(first, event, year)
-                    if same:
-                        plan.duplicates += 1
-                    else:
-                        plan.conflicts += 1
                     plan.repeated_logs.append(RepeatedLog(
                         event.activity_id,
                         (event.mentor_id, event.organization_id, event.occurred_at,
                          event.activity_type),
                         same,
                     ))
+                    if same:
+                        plan.duplicates += 1
+                    else:
+                        plan.conflicts += 1
                     continue
                 earlier_delete = deletes.get(key)
                 logs[key] = LogRow(
