@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from uuid import UUID, uuid5
 
 NOTIFICATION_NAMESPACE = UUID("6f1c2a8e-4d3b-5a7f-9e21-0c8b7d6a5f43")
@@ -25,9 +25,7 @@ SuppressedReason = Literal[
     "replay_no_notify",       # reached by a session older than a `replay --no-notify`
     "opted_out_before_send",  # recorded pending, the mentor opted out before it was sent
 ]
-SUPPRESSED_REASONS: tuple[SuppressedReason, ...] = (
-    "opted_out", "grace_period_over", "replay_no_notify", "opted_out_before_send",
-)
+SUPPRESSED_REASONS: tuple[SuppressedReason, ...] = get_args(SuppressedReason)
 
 
 def notification_id(mentor_id: UUID, year: int, milestone_value: int) -> UUID:
@@ -49,7 +47,7 @@ def stored_thresholds(raw: Sequence[Any]) -> tuple[int, ...] | None:
     The database's CHECK refuses NULL elements and nested arrays; a row that slipped past it
     (a constraint dropped by hand, a schema not yet migrated) must stay that organization's
     problem instead of an exception that stops every batch. Costs one ``sorted(set())`` and one
-    comparison per mentor-year of an organization with its own row, as before.
+    comparison per mentor-year of an organization with its own row.
     """
     try:
         values = tuple(sorted(set(raw)))
