@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from consumer.commands.common import parse_uuid, table
+from consumer.domain.support import when
 from consumer.domain.thresholds import ThresholdsChange, describe, parse_thresholds
 from consumer.runtime import command_pool
 from consumer.settings import Settings, SettingsError
@@ -44,13 +45,11 @@ async def thresholds_command(
               f"{applied.known_changed_at:%Y-%m-%d %H:%M:%S%z}); this one, at {where}, was not"
               " applied: check the clocks and run the command again")
         return 1
-    was = describe(applied.previous) if applied.previous is not None else (
-        f"no row: default {describe(settings.thresholds)}"
-    )
-    now = describe(thresholds) if thresholds is not None else (
-        f"no row: default {describe(settings.thresholds)}"
-    )
-    print(f"organization {organization_id}: {now} (was {was}); published to {where}")
+    def shown(row: tuple[int, ...] | None) -> str:
+        return describe(row) if row is not None else f"no row: default {describe(settings.thresholds)}"
+
+    print(f"organization {organization_id}: {shown(thresholds)} (was {shown(applied.previous)});"
+          f" published to {where}")
     if thresholds:
         print(f"milestones the new thresholds reach are recorded at each mentor's next session;"
               f" for everyone at once: milestones sweep --organization {organization_id}")
@@ -66,20 +65,16 @@ async def _list(settings: Settings, *, show_history: bool) -> int:
         changes = await thresholds_sql.history(connection) if show_history else []
     print(f"default (MILESTONES_THRESHOLDS): {describe(settings.thresholds)}")
     print(table(
-        [(str(row["organization_id"]), describe(row["thresholds"]), _when(row["changed_at"]),
+        [(str(row["organization_id"]), describe(row["thresholds"]), when(row["changed_at"]),
           describe(row["previous"])) for row in rows],
         ("organization", "thresholds", "changed at", "previous"),
     ))
     if show_history:
         print("\nhistory (`-`: no row, the default applied)")
         print(table(
-            [(str(row["organization_id"]), _when(row["changed_at"]),
+            [(str(row["organization_id"]), when(row["changed_at"]),
               describe(row["previous"]), describe(row["thresholds"]), row["source"])
              for row in changes],
             ("organization", "changed at", "from", "to", "source"),
         ))
     return 0
-
-
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
