@@ -265,7 +265,7 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
         raise SettingsError(
             "demo is not part of this install (the service image leaves out devstack/):"
-            " run it from a checkout with `make demo`, or pip install 'milestone-engine[embedded]'"
+            " run it from a checkout with `make demo`"
         ) from None
 
     return await demo_command(settings, seconds=args.seconds, step_seconds=args.step_seconds)
