@@ -163,12 +163,12 @@ async def find_drift(
     *, limit: int | None = None,
 ) -> list[Drift]:
     """Every differing row of ``year`` (``None``: every open year), by mentor and year."""
-    rows = await connection.fetch(DRIFT, year, closed_through_year, limit)
-    return [
-        Drift(row["mentor_id"], row["year"], row["summary_count"], row["ledger_count"],
-              row["has_organization"])
-        for row in rows
-    ]
+    return [_drift(row) for row in await connection.fetch(DRIFT, year, closed_through_year, limit)]
+
+
+def _drift(row: asyncpg.Record) -> Drift:
+    return Drift(row["mentor_id"], row["year"], row["summary_count"], row["ledger_count"],
+                 row["has_organization"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +193,9 @@ async def startup_drift(pool: asyncpg.Pool, year: int, *, budget_s: float) -> St
             rows = await connection.fetch(DRIFT, year, None, 5)
         except asyncpg.QueryCanceledError:
             return None
-    examples = [
-        Drift(row["mentor_id"], row["year"], row["summary_count"], row["ledger_count"])
-        for row in rows
-    ]
-    return StartupDrift(year, int(rows[0]["differing"]) if rows else 0, examples)
+    return StartupDrift(
+        year, int(rows[0]["differing"]) if rows else 0, [_drift(row) for row in rows]
+    )
 
 
 @asynccontextmanager
