@@ -209,10 +209,12 @@ async def publisher_running(
     settings: Settings,
     metrics: Metrics,
     faults: FaultInjector,
-    stop: asyncio.Event,
     clock: ShutdownClock | None = None,
 ) -> AsyncIterator[Publisher]:
-    """A publisher task for the duration of the block, closed after it within the clock."""
+    """A publisher task for the duration of the block, closed after it within the clock.
+
+    It stops when the block ends, not on the caller's stop event: the batch in hand may still
+    commit during the shutdown, and its notifications get this last round."""
     clock = clock or ShutdownClock(settings.shutdown_timeout_s)
     await verify_kafka_access(settings)  # refused credentials: the command stops, exit 2
     publisher = Publisher(settings, settings.require_database(), metrics, faults)
@@ -266,8 +268,7 @@ async def publish_and_wait(
     """
     if not ids or not await still_pending(pool, ids):  # the running service was quicker
         return 0
-    stop = asyncio.Event()
-    async with publisher_running(settings, Metrics(), FaultInjector(None), stop) as publisher:
+    async with publisher_running(settings, Metrics(), FaultInjector(None)) as publisher:
         return await wait_until_sent(pool, ids, publisher, timeout_s=timeout_s)
 
 

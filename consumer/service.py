@@ -189,7 +189,7 @@ async def _serve(
     health: HealthServer,
 ) -> None:
     probe = DatabaseProbe(pool)
-    async with publisher_running(settings, metrics, faults, stop, clock) as publisher:
+    async with publisher_running(settings, metrics, faults, clock) as publisher:
         engine: Engine | None = None
 
         def on_unavailable(down: bool) -> None:

@@ -464,7 +464,7 @@ async def replay_command(
         metrics = Metrics()
         caught_up = True
         try:
-            async with publisher_running(settings, metrics, FaultInjector(None), stop) as publisher:
+            async with publisher_running(settings, metrics, FaultInjector(None)) as publisher:
                 writer = batch_writer(
                     settings, pool, metrics, options=options, writer_class=_RecordingWriter
                 )
