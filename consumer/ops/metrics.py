@@ -28,7 +28,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # help text, then label names
 _COUNTERS: Final[Mapping[str, tuple[str, Sequence[str]]]] = {
     "milestones_events_total": (
-        "Accepted input messages by outcome (consumer/store/postgres.py EVENT_OUTCOMES).",
+        "Accepted input messages by outcome (consumer/store/port.py EVENT_OUTCOMES).",
         ("outcome",)),
     "milestones_dead_letters_total": (
         "Messages sent to the dead-letter topic, by reason kind.", ("reason",)),

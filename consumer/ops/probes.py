@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from consumer.ops.metrics import Metrics
+from consumer.retry import sleep_unless
 from consumer.store.status_sql import PENDING_GAUGE
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ class BrokerContact:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.check()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
+            await sleep_unless(stop, self._interval_s)
 
 
 class PendingGauge:
@@ -114,5 +114,4 @@ class PendingGauge:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.check()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
+            await sleep_unless(stop, self._interval_s)
